@@ -1,0 +1,532 @@
+//! The FUSE adapter: `fuser::Filesystem` requests turned into [`Overlay`] calls, and core
+//! errors into errnos in exactly one place ([`OverlayFs::fail`]).
+
+pub mod session;
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType as FuseFileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use rustix::fs::{FileType, Stat};
+use tracing::{debug, warn};
+
+use crate::error::Error;
+use crate::ovl::inode::{Ino, Node};
+use crate::ovl::readdir::is_dot_or_dotdot;
+use crate::ovl::{Entry, Overlay};
+
+/// The mounted filesystem as fuser sees it.
+pub struct OverlayFs {
+    ovl: Arc<Overlay>,
+    ttl: Duration,
+}
+
+impl OverlayFs {
+    /// Wraps a prepared union.
+    pub fn new(ovl: Arc<Overlay>) -> OverlayFs {
+        let ttl = ovl.cfg.timeout;
+        OverlayFs { ovl, ttl }
+    }
+
+    /// The one place a core error becomes an errno (and a log line).
+    fn fail(op: &'static str, err: &Error) -> Errno {
+        if err.is_unexpected() {
+            warn!(op, error = %err, "request failed");
+        } else {
+            debug!(op, error = %err, "request failed");
+        }
+        Errno::from_i32(err.errno())
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Error> {
+        self.ovl.node(Ino(ino.0))
+    }
+
+    fn entry_reply(&self, reply: ReplyEntry, res: Result<Entry, Error>, op: &'static str) {
+        match res {
+            Ok(e) => reply.entry(&self.ttl, &file_attr(&e.stat), Generation(0)),
+            Err(e) => reply.error(Self::fail(op, &e)),
+        }
+    }
+
+    fn read_only(&self, op: &'static str) -> Errno {
+        let err = self.ovl.want_write().err().unwrap_or(Error::ReadOnly);
+        Self::fail(op, &err)
+    }
+}
+
+/// Converts an overlay `Stat` into fuser's attribute record.
+fn file_attr(st: &Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(st.st_ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: system_time(st.st_atime as i64, st.st_atime_nsec as i64),
+        mtime: system_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        ctime: system_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+        crtime: UNIX_EPOCH,
+        kind: fuse_file_type(FileType::from_raw_mode(st.st_mode)),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        // FUSE carries the kernel's 32-bit "new" device encoding, which matches the low 32
+        // bits of glibc's for every major/minor that fits.
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn system_time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+fn fuse_file_type(t: FileType) -> FuseFileType {
+    match t {
+        FileType::Directory => FuseFileType::Directory,
+        FileType::Symlink => FuseFileType::Symlink,
+        FileType::Fifo => FuseFileType::NamedPipe,
+        FileType::Socket => FuseFileType::Socket,
+        FileType::CharacterDevice => FuseFileType::CharDevice,
+        FileType::BlockDevice => FuseFileType::BlockDevice,
+        _ => FuseFileType::RegularFile,
+    }
+}
+
+impl Filesystem for OverlayFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Each capability separately: an old kernel lacking one must not cost us the rest.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        debug!(op = "lookup", parent = parent.0, ?name);
+        let res = self.node(parent).and_then(|p| self.ovl.lookup(&p, name));
+        self.entry_reply(reply, res, "lookup");
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.ovl.forget(Ino(ino.0), nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        debug!(op = "getattr", ino = ino.0);
+        match self.node(ino).and_then(|n| self.ovl.getattr(&n)) {
+            Ok(st) => reply.attr(&self.ttl, &file_attr(&st)),
+            Err(e) => reply.error(Self::fail("getattr", &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(self.read_only("setattr"));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        debug!(op = "readlink", ino = ino.0);
+        match self.node(ino).and_then(|n| self.ovl.readlink(&n)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(Self::fail("readlink", &e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.read_only("mknod"));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.read_only("mkdir"));
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.read_only("unlink"));
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.read_only("rmdir"));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.read_only("symlink"));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(self.read_only("rename"));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(self.read_only("link"));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        debug!(op = "open", ino = ino.0, flags = flags.0);
+        match self.node(ino).and_then(|n| self.ovl.open(&n, flags.0)) {
+            Ok(fh) => {
+                let mut fopen = FopenFlags::empty();
+                if !self.ttl.is_zero() {
+                    // Layers change only through us: cached pages stay valid across opens.
+                    fopen |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), fopen)
+            }
+            Err(e) => reply.error(Self::fail("open", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.ovl.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(Self::fail("read", &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(self.read_only("write"));
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.ovl.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing of ours is ever dirty on a read-only union.
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        debug!(op = "opendir", ino = ino.0);
+        match self.node(ino).and_then(|n| self.ovl.opendir(n)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(Self::fail("opendir", &e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        debug!(op = "readdir", fh = fh.0, offset);
+        match self.ovl.readdir(fh.0, offset) {
+            Ok((_, entries)) => {
+                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                    let kind = fuse_file_type(e.file_type);
+                    if reply.add(INodeNo(e.ino.0), i as u64 + 1, kind, &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(Self::fail("readdir", &e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        debug!(op = "readdirplus", fh = fh.0, offset);
+        let (dir, entries) = match self.ovl.readdir(fh.0, offset) {
+            Ok(v) => v,
+            Err(e) => return reply.error(Self::fail("readdirplus", &e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let next = i as u64 + 1;
+            if is_dot_or_dotdot(&e.name) {
+                // Not counted as lookups by the kernel.
+                let target = if e.name == "." {
+                    dir.clone()
+                } else {
+                    dir.state().parent.clone().unwrap_or_else(|| dir.clone())
+                };
+                let Ok(mut st) = self.ovl.getattr(&target) else {
+                    continue;
+                };
+                st.st_ino = e.ino.0;
+                if reply.add(INodeNo(e.ino.0), next, &e.name, &self.ttl, &file_attr(&st), Generation(0))
+                {
+                    break;
+                }
+                continue;
+            }
+            match self.ovl.lookup(&dir, &e.name) {
+                Ok(entry) => {
+                    let attr = file_attr(&entry.stat);
+                    if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, Generation(0)) {
+                        // Not sent: the kernel will not count this lookup.
+                        self.ovl.forget(entry.node.ino, 1);
+                        break;
+                    }
+                }
+                // Vanished since the listing was made: leave it out.
+                Err(Error::NotFound) => continue,
+                Err(err) => {
+                    Self::fail("readdirplus lookup", &err);
+                    continue;
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.ovl.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.ovl.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                crate::ovl::namei::NAME_MAX as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Self::fail("statfs", &e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(self.read_only("setxattr"));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        debug!(op = "getxattr", ino = ino.0, ?name);
+        match self.node(ino).and_then(|n| self.ovl.getxattr(&n, name)) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(Self::fail("getxattr", &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        debug!(op = "listxattr", ino = ino.0);
+        match self.node(ino).and_then(|n| self.ovl.listxattr(&n)) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(Self::fail("listxattr", &e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.read_only("removexattr"));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Only reached without default_permissions; the kernel checks mode bits otherwise.
+        let res = self.node(ino).and_then(|_| {
+            if mask.contains(AccessFlags::W_OK) {
+                self.ovl.want_write()
+            } else {
+                Ok(())
+            }
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("access", &e)),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(self.read_only("create"));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(self.read_only("fallocate"));
+    }
+}
+
+/// Answers a getxattr/listxattr: the size when asked for it, ERANGE when the caller's
+/// buffer is too small, the data otherwise.
+fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::from_i32(Error::Range.errno()));
+    } else {
+        reply.data(value);
+    }
+}

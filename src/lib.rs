@@ -1,0 +1,14 @@
+//! stratafs: a union filesystem in userspace with kernel overlayfs semantics and the
+//! fuse-overlayfs command line.
+//!
+//! - [`ovl`]: the union core (layers, lookup, whiteouts, readdir, files), free of FUSE;
+//! - [`fuse`]: the thin adapter from FUSE requests to the core, and the daemon's life;
+//! - [`sys`]: the only module with `unsafe`: fd-relative syscalls and process plumbing;
+//! - [`error`]: typed errors and the single error-to-errno mapping.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod fuse;
+pub mod ovl;
+pub mod sys;

@@ -1,0 +1,98 @@
+//! The `stratafs` command: a drop-in for `fuse-overlayfs`.
+//!
+//! `stratafs [-f] [-d] -o lowerdir=L1:L2[,upperdir=U,workdir=W][,OPTS] [SOURCE] MOUNTPOINT`, or
+//! the same after `stratafs mount`. The last positional argument is the mountpoint, so that
+//! `mount -t fuse.stratafs SOURCE MNT -o ...` (through mount.fuse3) and fstab lines work.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use stratafs::fuse::session::{self, MountRequest};
+use stratafs::ovl::params::Config;
+
+/// Mount a union of directories with kernel-overlayfs semantics (FUSE).
+#[derive(Debug, Parser)]
+#[command(
+    name = "stratafs",
+    version,
+    about,
+    after_help = "Examples:\n  stratafs -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt\n  stratafs -o lowerdir=/image /mnt      (read-only)\n  fusermount3 -u /mnt                   (unmount; SIGTERM to the daemon works too)"
+)]
+struct MountArgs {
+    /// Mount options, comma separated; may repeat and may be glued (-oOPTS). lowerdir=A:B
+    /// (leftmost is the top layer; \: escapes a colon), upperdir=DIR, workdir=DIR (same
+    /// filesystem as upperdir), timeout=SECS, static_nlink, noxattrs=1, ro, allow_other,
+    /// allow_root, suid/nosuid, dev/nodev, exec/noexec, atime/noatime, fsname=NAME,
+    /// redirect_dir=off, xino=off|auto|on, context=LABEL (accepted and ignored). Options of
+    /// fuse-overlayfs that stratafs does not apply print "unknown argument ignored: X".
+    #[arg(short = 'o', value_name = "OPTS", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+
+    /// Stay in the foreground instead of going to the background once mounted.
+    #[arg(short = 'f')]
+    foreground: bool,
+
+    /// Debug logging to stderr (implies -f); RUST_LOG also selects log levels.
+    #[arg(short = 'd', long = "debug")]
+    debug: bool,
+
+    /// Accepted for libfuse compatibility (the daemon is always multi-threaded).
+    #[arg(short = 's', hide = true)]
+    single_thread: bool,
+
+    /// [SOURCE] MOUNTPOINT: the last one is the mountpoint; a SOURCE before it is shown in
+    /// /proc/mounts and otherwise ignored.
+    #[arg(value_name = "MOUNTPOINT", num_args = 0..)]
+    positional: Vec<OsString>,
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    // `stratafs mount ...` is the same as `stratafs ...`.
+    if args.get(1).is_some_and(|a| a == "mount") {
+        args.remove(1);
+    }
+    let args = MountArgs::parse_from(args);
+    match mount(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("stratafs: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mount(args: MountArgs) -> Result<(), String> {
+    let cfg = Config::parse(&args.options).map_err(|e| e.to_string())?;
+    init_logging(args.debug || cfg.debug);
+    for opt in &cfg.ignored {
+        eprintln!("unknown argument ignored: {opt}");
+    }
+    let mut positional = args.positional;
+    let mountpoint: PathBuf = positional
+        .pop()
+        .ok_or_else(|| stratafs::error::SetupError::NoMountpoint.to_string())?
+        .into();
+    let source = positional.pop().map(|s| s.to_string_lossy().into_owned());
+    let foreground = args.foreground || args.debug || cfg.debug;
+    session::run(MountRequest {
+        cfg,
+        mountpoint,
+        source,
+        foreground,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Logs go to stderr; `RUST_LOG` picks levels, `-d` means debug.
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

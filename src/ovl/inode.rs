@@ -1,0 +1,283 @@
+//! The inode table: one [`Node`] per object the kernel knows, keyed by its overlay inode
+//! number, plus the rules that make `st_ino` stable and unique (kernel `fs/overlayfs/inode.c`:
+//! `ovl_get_inode`, `ovl_map_ino`, `ovl_getattr`).
+//!
+//! The FUSE node id *is* the reported `st_ino` (fuser sends `attr.ino` as the node id), so two
+//! names for the same real inode (hard links) share a node, exactly as they share an inode in
+//! kernel overlayfs.
+//!
+//! Lock order: [`InodeTable::map`] before any [`Node`] state lock; neither is held across I/O
+//! to a layer.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use rustix::fs::{FileType, Stat};
+
+use crate::error::{Error, Result};
+use crate::ovl::layer::LayerIdx;
+
+/// An overlay inode number: what the kernel uses as node id and shows as `st_ino` / `d_ino`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ino(pub u64);
+
+impl Ino {
+    /// The root directory (FUSE_ROOT_ID).
+    pub const ROOT: Ino = Ino(1);
+}
+
+/// Where a merged object has a real counterpart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Real {
+    /// The layer holding it.
+    pub layer: LayerIdx,
+    /// For directories: this layer's copy is marked `overlay.opaque=x`, i.e. it may hold
+    /// xattr whiteouts that must be checked for (kernel `ovl_dentry_has_xwhiteouts`).
+    pub xwhiteouts: bool,
+}
+
+/// What can change about a node over its life (by copy-up and rename, on the write side).
+#[derive(Debug)]
+pub struct NodeState {
+    /// The directory this node was found in; `None` only for the root. Holding the parent
+    /// keeps the path to the real objects computable while the node lives.
+    pub parent: Option<Arc<Node>>,
+    /// The name in `parent` (for a hard-linked file: the first name it was found under).
+    pub name: OsString,
+    /// Real objects, top layer first. A non-directory has exactly one (the one that hides the
+    /// rest); a directory has one per layer down to the first opaque one.
+    pub reals: Vec<Real>,
+}
+
+/// A merged object the kernel holds a reference to.
+#[derive(Debug)]
+pub struct Node {
+    /// Its overlay inode number.
+    pub ino: Ino,
+    /// The file type; fixed for the node's life.
+    pub file_type: FileType,
+    /// The kernel's lookup count (FUSE `nlookup`); the node leaves the table at zero.
+    lookups: AtomicU64,
+    state: RwLock<NodeState>,
+}
+
+impl Node {
+    /// Creates a node with no kernel references yet.
+    pub fn new(ino: Ino, file_type: FileType, state: NodeState) -> Node {
+        Node {
+            ino,
+            file_type,
+            lookups: AtomicU64::new(0),
+            state: RwLock::new(state),
+        }
+    }
+
+    /// Whether the node is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.file_type == FileType::Directory
+    }
+
+    /// Read access to the mutable part. A poisoned lock (a panic elsewhere) is not fatal:
+    /// the state is still consistent because every writer replaces whole fields.
+    pub fn state(&self) -> RwLockReadGuard<'_, NodeState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write access to the mutable part.
+    pub fn state_mut(&self) -> RwLockWriteGuard<'_, NodeState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The topmost real object (the one whose attributes and data the merged view shows).
+    pub fn top(&self) -> Result<Real> {
+        self.state()
+            .reals
+            .first()
+            .copied()
+            .ok_or(Error::Internal("node without a real object"))
+    }
+
+    /// Whether the node is a merged directory (real directories in more than one layer):
+    /// kernel `OVL_TYPE_MERGE`.
+    pub fn is_merged_dir(&self) -> bool {
+        self.is_dir() && self.state().reals.len() > 1
+    }
+
+    /// The parent node and this node's name in it.
+    pub fn parent_and_name(&self) -> (Option<Arc<Node>>, OsString) {
+        let st = self.state();
+        (st.parent.clone(), st.name.clone())
+    }
+}
+
+/// All nodes the kernel may name in a request.
+#[derive(Debug, Default)]
+pub struct InodeTable {
+    map: RwLock<HashMap<Ino, Arc<Node>>>,
+}
+
+impl InodeTable {
+    /// Installs the root node (never forgotten).
+    pub fn set_root(&self, root: Arc<Node>) {
+        self.map_mut().insert(Ino::ROOT, root);
+    }
+
+    /// The node for `ino`, if the kernel may still use it.
+    pub fn get(&self, ino: Ino) -> Result<Arc<Node>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .cloned()
+            .ok_or(Error::StaleInode(ino.0))
+    }
+
+    /// Returns the node already known under `candidate.ino` if it is the same kind of object,
+    /// else installs `candidate`; either way counts one kernel lookup.
+    pub fn get_or_insert(&self, candidate: Node) -> Arc<Node> {
+        let mut map = self.map_mut();
+        let node = match map.get(&candidate.ino) {
+            Some(existing) if existing.file_type == candidate.file_type => {
+                if existing.is_dir() {
+                    // Same directory reached again: its layer set is what was just found.
+                    existing.state_mut().reals = candidate.state().reals.clone();
+                }
+                existing.clone()
+            }
+            _ => {
+                let node = Arc::new(candidate);
+                map.insert(node.ino, node.clone());
+                node
+            }
+        };
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// Counts one more kernel reference to an existing node (readdirplus entries).
+    pub fn add_lookup(&self, node: &Node) {
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops `n` kernel references; the node leaves the table when none remain.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        if ino == Ino::ROOT {
+            return;
+        }
+        let mut map = self.map_mut();
+        if let Some(node) = map.get(&ino) {
+            let prev = node
+                .lookups
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(n)))
+                .unwrap_or(0);
+            if prev <= n {
+                map.remove(&ino);
+            }
+        }
+    }
+
+    /// Number of nodes held (for logs and the memory benchmarks).
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether only the root is left.
+    pub fn is_empty(&self) -> bool {
+        self.len() <= 1
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Ino, Arc<Node>>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Maps (filesystem, real inode) to an overlay inode number that is unique across layers on
+/// different filesystems: the kernel's `xino` scheme, with the filesystem id in the high bits.
+#[derive(Debug)]
+pub struct InoMap {
+    /// Bits reserved at the top for the filesystem id (0 when all layers share one).
+    fsid_bits: u32,
+    /// Numbers handed out when a real inode does not fit (or would be 0 or 1).
+    fallback: Mutex<HashMap<(u16, u64), u64>>,
+    next_fallback: AtomicU64,
+}
+
+impl InoMap {
+    /// A map for layers spread over `fs_count` filesystems.
+    pub fn new(fs_count: u16) -> InoMap {
+        let fsid_bits = if fs_count <= 1 {
+            0
+        } else {
+            u32::BITS - u32::from(fs_count - 1).leading_zeros()
+        };
+        InoMap {
+            fsid_bits,
+            fallback: Mutex::new(HashMap::new()),
+            next_fallback: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The overlay inode number for real inode `ino` on filesystem `fsid`.
+    pub fn map(&self, fsid: u16, ino: u64) -> Ino {
+        let mapped = if self.fsid_bits == 0 {
+            Some(ino)
+        } else if ino >> (64 - self.fsid_bits) == 0 {
+            Some(ino | (u64::from(fsid) << (64 - self.fsid_bits)))
+        } else {
+            None
+        };
+        match mapped {
+            Some(m) if m > Ino::ROOT.0 && m < self.next_fallback.load(Ordering::Relaxed) => Ino(m),
+            _ => {
+                let mut fb = self.fallback.lock().unwrap_or_else(|e| e.into_inner());
+                Ino(*fb
+                    .entry((fsid, ino))
+                    .or_insert_with(|| self.next_fallback.fetch_sub(1, Ordering::Relaxed)))
+            }
+        }
+    }
+}
+
+/// The attributes shown for `node`, given the `lstat` of its top real object: the overlay
+/// inode number, and the kernel's link count rule for merged directories (`ovl_getattr`:
+/// "nlink=1 seems to pacify 'find' and other utilities").
+pub fn overlay_stat(node: &Node, mut st: Stat, static_nlink: bool) -> Stat {
+    st.st_ino = node.ino.0;
+    if node.is_dir() && (static_nlink || node.is_merged_dir()) {
+        st.st_nlink = 1;
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_fs_passes_inodes_through() {
+        let m = InoMap::new(1);
+        assert_eq!(m.map(0, 1234), Ino(1234));
+    }
+
+    #[test]
+    fn several_fs_get_distinct_numbers() {
+        let m = InoMap::new(3);
+        let a = m.map(0, 42);
+        let b = m.map(1, 42);
+        let c = m.map(2, 42);
+        assert!(a != b && b != c && a != c);
+        assert_eq!(m.map(1, 42), b, "stable");
+    }
+
+    #[test]
+    fn root_number_and_overflow_use_fallback() {
+        let m = InoMap::new(2);
+        let one = m.map(0, 1);
+        assert_ne!(one, Ino::ROOT);
+        let big = m.map(1, u64::MAX - 5);
+        assert_eq!(m.map(1, u64::MAX - 5), big);
+        assert_ne!(big, one);
+    }
+}

@@ -1,0 +1,222 @@
+//! Layers: the upper (index 0) and the lowers (1..), each an open root directory plus the
+//! device it lives on, opened and checked once at mount time.
+//!
+//! Mirrors kernel `fs/overlayfs/super.c` (`ovl_get_layers`, `ovl_get_upper`, `ovl_get_workdir`
+//! and their sanity checks). Host paths are used only here; everything afterwards is
+//! fd-relative.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::SetupError;
+use crate::ovl::params::Config;
+use crate::sys;
+
+/// Index of a layer in the stack: 0 is the upper layer (when there is one), lowers follow
+/// top to bottom from 1, as in the kernel's `ovl_layer.idx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LayerIdx(pub u16);
+
+impl LayerIdx {
+    /// The upper layer's index.
+    pub const UPPER: LayerIdx = LayerIdx(0);
+
+    /// Whether this is the upper layer.
+    pub fn is_upper(self) -> bool {
+        self == Self::UPPER
+    }
+}
+
+/// One layer of the stack.
+#[derive(Debug)]
+pub struct Layer {
+    /// Position in the stack.
+    pub idx: LayerIdx,
+    /// `O_PATH` handle on the layer's root directory; every access starts here.
+    pub root: Arc<OwnedFd>,
+    /// `st_dev` of the root, to tell layers on different filesystems apart.
+    pub dev: u64,
+    /// Small number identifying `dev` among the layers (0 = the upper's filesystem), used to
+    /// keep inode numbers unique across filesystems (kernel `xino`).
+    pub fsid: u16,
+    /// The path the user gave, for messages.
+    pub path: PathBuf,
+}
+
+/// The whole stack, opened.
+#[derive(Debug)]
+pub struct Layers {
+    /// Slot 0 is the upper layer (or `None`), then the lowers top first; indexable by
+    /// [`LayerIdx`].
+    slots: Vec<Option<Layer>>,
+    /// `workdir/work`, emptied at mount; where copy-ups are prepared.
+    pub work: Option<OwnedFd>,
+    /// How many distinct filesystems the layers sit on.
+    pub fs_count: u16,
+}
+
+/// Name of our private directory inside `workdir=` (the same as the kernel's and
+/// fuse-overlayfs's, so that a workdir can move between them).
+const WORK_SUBDIR: &str = "work";
+
+impl Layers {
+    /// Opens and checks every layer of `cfg` for a mount on `mountpoint`.
+    pub fn open(cfg: &Config, mountpoint: &Path) -> Result<Layers, SetupError> {
+        let mnt = canonical(mountpoint).map_err(|source| SetupError::Mountpoint {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+        let mnt_fd = sys::fs::open_host_dir(&mnt).map_err(|source| SetupError::Mountpoint {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+        drop(mnt_fd);
+
+        let mut devs: Vec<u64> = Vec::new();
+        let mut fsid_of = |dev: u64| -> u16 {
+            match devs.iter().position(|d| *d == dev) {
+                Some(i) => i as u16,
+                None => {
+                    devs.push(dev);
+                    (devs.len() - 1) as u16
+                }
+            }
+        };
+
+        let mut slots = Vec::with_capacity(cfg.lowerdirs.len() + 1);
+        let mut work = None;
+        match &cfg.upperdir {
+            Some(upper) => {
+                let (root, dev, canon) = open_layer_root("upperdir", upper, &mnt)?;
+                let workdir = cfg
+                    .workdir
+                    .as_ref()
+                    .ok_or_else(|| SetupError::MissingWorkdir(upper.clone()))?;
+                let (work_root, work_dev, work_canon) = open_layer_root("workdir", workdir, &mnt)?;
+                if work_dev != dev {
+                    return Err(SetupError::WorkdirOtherFs {
+                        upper: upper.clone(),
+                        work: workdir.clone(),
+                    });
+                }
+                if work_canon.starts_with(&canon) || canon.starts_with(&work_canon) {
+                    return Err(SetupError::WorkdirNested {
+                        upper: upper.clone(),
+                        work: workdir.clone(),
+                    });
+                }
+                work = Some(prepare_workdir(work_root.as_fd()).map_err(|source| {
+                    SetupError::Workdir {
+                        path: workdir.clone(),
+                        source,
+                    }
+                })?);
+                slots.push(Some(Layer {
+                    idx: LayerIdx::UPPER,
+                    root: Arc::new(root),
+                    dev,
+                    fsid: fsid_of(dev),
+                    path: upper.clone(),
+                }));
+            }
+            None => slots.push(None),
+        }
+        for (i, lower) in cfg.lowerdirs.iter().enumerate() {
+            let (root, dev, _) = open_layer_root("lowerdir", lower, &mnt)?;
+            slots.push(Some(Layer {
+                idx: LayerIdx(i as u16 + 1),
+                root: Arc::new(root),
+                dev,
+                fsid: fsid_of(dev),
+                path: lower.clone(),
+            }));
+        }
+        Ok(Layers {
+            slots,
+            work,
+            fs_count: devs.len() as u16,
+        })
+    }
+
+    /// The layer at `idx`. Indices come only from this stack, so a miss is a bug; it is
+    /// reported as `None` rather than a panic.
+    pub fn get(&self, idx: LayerIdx) -> Option<&Layer> {
+        self.slots.get(idx.0 as usize).and_then(Option::as_ref)
+    }
+
+    /// The root directory of layer `idx`.
+    pub fn root(&self, idx: LayerIdx) -> Option<BorrowedFd<'_>> {
+        self.get(idx).map(|l| l.root.as_fd())
+    }
+
+    /// The upper layer, if the mount has one.
+    pub fn upper(&self) -> Option<&Layer> {
+        self.get(LayerIdx::UPPER)
+    }
+
+    /// Every layer, top first (upper, then lowers).
+    pub fn stack(&self) -> impl Iterator<Item = &Layer> {
+        self.slots.iter().flatten()
+    }
+
+    /// The layer whose filesystem `statfs` reports: the upper, else the top lower.
+    pub fn statfs_layer(&self) -> Option<&Layer> {
+        self.stack().next()
+    }
+}
+
+/// Opens a user-given layer directory and checks that it does not overlap the mountpoint.
+fn open_layer_root(
+    role: &'static str,
+    path: &Path,
+    mnt: &Path,
+) -> Result<(OwnedFd, u64, PathBuf), SetupError> {
+    let err = |source: io::Error| SetupError::Layer {
+        role,
+        path: path.to_path_buf(),
+        source,
+    };
+    let canon = canonical(path).map_err(err)?;
+    let root = sys::fs::open_host_dir(&canon).map_err(err)?;
+    let st = sys::fs::stat_fd(root.as_fd()).map_err(err)?;
+    if canon.starts_with(mnt) || mnt.starts_with(&canon) {
+        return Err(SetupError::MountpointOverlapsLayer {
+            mountpoint: mnt.to_path_buf(),
+            role,
+            layer: path.to_path_buf(),
+        });
+    }
+    Ok((root, st.st_dev, canon))
+}
+
+/// `realpath`, with ENOTDIR for things that are not directories.
+fn canonical(path: &Path) -> io::Result<PathBuf> {
+    let canon = std::fs::canonicalize(path)?;
+    if !std::fs::metadata(&canon)?.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    Ok(canon)
+}
+
+/// Creates `workdir/work` (mode 0700) and empties it: whatever a killed daemon left there is
+/// an unfinished operation whose target was never renamed into place.
+fn prepare_workdir(workdir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let name = OsStr::new(WORK_SUBDIR);
+    match sys::fs::stat_name(workdir, name) {
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory => {}
+        Ok(_) => {
+            sys::fs::remove_tree(workdir, name)?;
+            sys::fs::make_dir(workdir, name, 0o700)?;
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => sys::fs::make_dir(workdir, name, 0o700)?,
+        Err(e) => return Err(e),
+    }
+    let work = sys::fs::open_dir_path(workdir, name)?;
+    for entry in sys::fs::read_dir(work.as_fd())? {
+        sys::fs::remove_tree(work.as_fd(), &entry.name)?;
+    }
+    Ok(work)
+}

@@ -1,0 +1,223 @@
+//! The union filesystem core. It knows nothing about FUSE: the adapter in [`crate::fuse`]
+//! turns requests into calls on [`Overlay`] and [`crate::error::Error`]s into errnos.
+//!
+//! Split like kernel `fs/overlayfs/`: option parsing ([`params`]), layers ([`layer`]), the
+//! inode table ([`inode`]), lookup ([`namei`]), whiteout encodings ([`whiteout`]), merged
+//! directory listings ([`readdir`]), open files ([`file`]) and extended attributes
+//! ([`xattr`]).
+
+pub mod file;
+pub mod inode;
+pub mod layer;
+pub mod namei;
+pub mod params;
+pub mod readdir;
+pub mod whiteout;
+pub mod xattr;
+
+use std::ffi::OsString;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use rustix::fs::{FileType, Stat};
+
+use crate::error::{Error, Result};
+use crate::sys;
+use inode::{InoMap, Ino, InodeTable, Node, NodeState, Real};
+use layer::{LayerIdx, Layers};
+use params::Config;
+
+/// A mounted union: configuration, layers, inode table and open handles.
+#[derive(Debug)]
+pub struct Overlay {
+    /// The validated options.
+    pub cfg: Config,
+    /// The open layer stack.
+    pub layers: Layers,
+    /// Nodes the kernel knows.
+    pub inodes: InodeTable,
+    inomap: InoMap,
+    /// `O_PATH` handles on real directories, by (node, layer). Bounded, so a walk of a huge
+    /// tree cannot exhaust descriptors; a miss costs one `openat2` from the parent's handle.
+    dir_fds: Mutex<LruCache<(Ino, LayerIdx), Arc<OwnedFd>>>,
+    files: file::FileTable,
+    dirs: readdir::DirTable,
+}
+
+/// A looked-up object: its node (with one kernel reference counted) and the attributes to
+/// show.
+#[derive(Debug)]
+pub struct Entry {
+    /// The node.
+    pub node: Arc<Node>,
+    /// Attributes as the merged view shows them.
+    pub stat: Stat,
+}
+
+impl Overlay {
+    /// Builds the union over already opened `layers`. `fd_budget` bounds the directory handle
+    /// cache.
+    pub fn new(cfg: Config, layers: Layers, fd_budget: usize) -> Result<Overlay> {
+        let inomap = InoMap::new(layers.fs_count);
+        let mut reals = Vec::new();
+        for layer in layers.stack() {
+            let markers = whiteout::dir_markers(layer.root.as_fd())
+                .map_err(|e| Error::io("read markers of a layer root", e))?;
+            reals.push(Real {
+                layer: layer.idx,
+                xwhiteouts: markers.xwhiteouts,
+            });
+        }
+        let root = Arc::new(Node::new(
+            Ino::ROOT,
+            FileType::Directory,
+            NodeState {
+                parent: None,
+                name: OsString::new(),
+                reals,
+            },
+        ));
+        let inodes = InodeTable::default();
+        inodes.set_root(root);
+        let cap = NonZeroUsize::new(fd_budget.max(64)).unwrap_or(NonZeroUsize::MIN);
+        Ok(Overlay {
+            cfg,
+            layers,
+            inodes,
+            inomap,
+            dir_fds: Mutex::new(LruCache::new(cap)),
+            files: file::FileTable::default(),
+            dirs: readdir::DirTable::default(),
+        })
+    }
+
+    /// The node for an inode number from a request.
+    pub fn node(&self, ino: Ino) -> Result<Arc<Node>> {
+        self.inodes.get(ino)
+    }
+
+    /// Drops `n` kernel references to `ino`.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    /// Current attributes of `node`.
+    pub fn getattr(&self, node: &Node) -> Result<Stat> {
+        let top = node.top()?;
+        let st = if node.is_dir() {
+            let fd = self.real_dir_fd(node, top.layer)?;
+            sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat directory", e))?
+        } else {
+            let (parent, name) = self.real_parent(node, top.layer)?;
+            sys::fs::stat_name(parent.as_fd(), &name).map_err(|e| Error::io("stat", e))?
+        };
+        Ok(inode::overlay_stat(node, st, self.cfg.static_nlink))
+    }
+
+    /// Target of the symlink `node`.
+    pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
+        if node.file_type != FileType::Symlink {
+            return Err(Error::io("readlink", std::io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        let top = node.top()?;
+        let (parent, name) = self.real_parent(node, top.layer)?;
+        sys::fs::read_link(parent.as_fd(), &name).map_err(|e| Error::io("readlink", e))
+    }
+
+    /// Filesystem statistics: the upper layer's, else the top lower's (kernel `ovl_statfs`).
+    pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
+        let layer = self
+            .layers
+            .statfs_layer()
+            .ok_or(Error::Internal("no layers"))?;
+        sys::fs::statvfs(layer.root.as_fd()).map_err(|e| Error::io("statfs", e))
+    }
+
+    /// Fails with EROFS unless the mount can be written to. Every request that would change
+    /// the merged view goes through here first.
+    pub fn want_write(&self) -> Result<()> {
+        if self.cfg.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        // The write side (copy-up, whiteouts, ...) is not part of this build yet: refuse
+        // rather than write something kernel overlayfs would not.
+        Err(Error::ReadOnly)
+    }
+
+    /// `O_PATH` handle on the real directory of `node` in `layer`, from the cache or opened
+    /// from the parent's handle (iteratively, so deep trees cost no recursion).
+    pub fn real_dir_fd(&self, node: &Node, layer: LayerIdx) -> Result<Arc<OwnedFd>> {
+        if node.ino == Ino::ROOT {
+            return self.layer_root(layer);
+        }
+        if let Some(fd) = self.cached_dir_fd(node.ino, layer) {
+            return Ok(fd);
+        }
+        // Walk up to the nearest ancestor with a handle, remembering the names on the way.
+        let mut chain: Vec<(Ino, OsString)> = Vec::new();
+        let (mut parent, name) = node.parent_and_name();
+        chain.push((node.ino, name));
+        let mut fd = loop {
+            let p = parent.ok_or(Error::Internal("non-root node without parent"))?;
+            if p.ino == Ino::ROOT {
+                break self.layer_root(layer)?;
+            }
+            if let Some(fd) = self.cached_dir_fd(p.ino, layer) {
+                break fd;
+            }
+            let (pp, pname) = p.parent_and_name();
+            chain.push((p.ino, pname));
+            parent = pp;
+        };
+        while let Some((ino, name)) = chain.pop() {
+            let child = sys::fs::open_dir_path(fd.as_fd(), &name)
+                .map_err(|e| Error::io("open real directory", e))?;
+            fd = Arc::new(child);
+            self.cache_dir_fd(ino, layer, fd.clone());
+        }
+        Ok(fd)
+    }
+
+    /// The real parent directory and name of a non-directory `node` in `layer`.
+    pub fn real_parent(&self, node: &Node, layer: LayerIdx) -> Result<(Arc<OwnedFd>, OsString)> {
+        let (parent, name) = node.parent_and_name();
+        let parent = parent.ok_or(Error::Internal("non-root node without parent"))?;
+        Ok((self.real_dir_fd(&parent, layer)?, name))
+    }
+
+    /// `O_PATH` handle on the top real object of `node`, whatever its type.
+    pub fn real_path_fd(&self, node: &Node) -> Result<Arc<OwnedFd>> {
+        let top = node.top()?;
+        if node.is_dir() {
+            return self.real_dir_fd(node, top.layer);
+        }
+        let (parent, name) = self.real_parent(node, top.layer)?;
+        let fd = sys::fs::open_path(parent.as_fd(), &name).map_err(|e| Error::io("open", e))?;
+        Ok(Arc::new(fd))
+    }
+
+    fn layer_root(&self, layer: LayerIdx) -> Result<Arc<OwnedFd>> {
+        let root = self
+            .layers
+            .get(layer)
+            .ok_or(Error::Internal("unknown layer index"))?;
+        Ok(root.root.clone())
+    }
+
+    fn cached_dir_fd(&self, ino: Ino, layer: LayerIdx) -> Option<Arc<OwnedFd>> {
+        self.dir_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(ino, layer))
+            .cloned()
+    }
+
+    fn cache_dir_fd(&self, ino: Ino, layer: LayerIdx, fd: Arc<OwnedFd>) {
+        self.dir_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put((ino, layer), fd);
+    }
+}

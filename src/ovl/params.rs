@@ -1,0 +1,329 @@
+//! `-o` option parsing: the fuse-overlayfs option language turned into a validated [`Config`].
+//!
+//! Mirrors kernel `fs/overlayfs/params.c` (and fuse-overlayfs's `ovl_opts`). Parsing is pure;
+//! checks that touch the filesystem live in [`crate::ovl::layer`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::SetupError;
+
+/// The kernel's `OVL_MAX_STACK`: the most lower layers one mount may have.
+pub const MAX_LOWER_LAYERS: usize = 500;
+
+/// fuse-overlayfs's default entry/attribute timeout (seconds): the layers only change through
+/// us, so the kernel may cache for as long as it likes.
+const DEFAULT_TIMEOUT_SECS: f64 = 1_000_000_000.0;
+
+/// Everything `-o` can say, after validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Lower layers, top first (the leftmost in `lowerdir=`).
+    pub lowerdirs: Vec<PathBuf>,
+    /// The writable layer; `None` makes the mount read-only.
+    pub upperdir: Option<PathBuf>,
+    /// Scratch space for atomic operations, on the upper's filesystem.
+    pub workdir: Option<PathBuf>,
+    /// Kernel entry and attribute cache lifetime (`timeout=`).
+    pub timeout: Duration,
+    /// Report `st_nlink = 1` for every directory (`static_nlink`).
+    pub static_nlink: bool,
+    /// Turn extended attributes off (`noxattrs=1`).
+    pub noxattrs: bool,
+    /// Honour fsync (`fsync=0` / `volatile` turn it into a no-op).
+    pub fsync: bool,
+    /// Use the kernel writeback cache (`writeback=`), for the write side.
+    pub writeback: bool,
+    /// Mount read-only even with an upper layer (`ro`).
+    pub read_only: bool,
+    /// Kernel-level mount options.
+    pub fuse: FuseOptions,
+    /// Options fuse-overlayfs accepts that stratafs does not apply (yet); each is reported as
+    /// `unknown argument ignored: X`, never fatal.
+    pub ignored: Vec<String>,
+    /// `-o debug`.
+    pub debug: bool,
+}
+
+/// Options handed to the FUSE kernel module.
+#[derive(Debug, Clone, Default)]
+pub struct FuseOptions {
+    /// Let every user in (`allow_other`).
+    pub allow_other: bool,
+    /// Let root in as well as the owner (`allow_root`).
+    pub allow_root: bool,
+    /// Honour setuid bits (`suid`/`nosuid`); default: on for root, like fuse-overlayfs.
+    pub suid: Option<bool>,
+    /// Honour device nodes (`dev`/`nodev`); default off, as libfuse.
+    pub dev: Option<bool>,
+    /// Allow execution (`exec`/`noexec`).
+    pub exec: Option<bool>,
+    /// Update access times (`atime`/`noatime`); default `noatime`, as fuse-overlayfs.
+    pub atime: Option<bool>,
+    /// `dirsync`, `sync`.
+    pub dirsync: bool,
+    /// `sync`.
+    pub sync: bool,
+    /// The source shown in /proc/mounts (`fsname=`).
+    pub fsname: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lowerdirs: Vec::new(),
+            upperdir: None,
+            workdir: None,
+            timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
+            static_nlink: false,
+            noxattrs: false,
+            fsync: true,
+            writeback: true,
+            read_only: false,
+            fuse: FuseOptions::default(),
+            ignored: Vec::new(),
+            debug: false,
+        }
+    }
+}
+
+impl Config {
+    /// Parses every `-o` argument (in order; later options override earlier ones).
+    pub fn parse<S: AsRef<str>>(option_args: &[S]) -> Result<Config, SetupError> {
+        let mut cfg = Config::default();
+        for arg in option_args {
+            for opt in split_options(arg.as_ref()) {
+                cfg.apply(&opt)?;
+            }
+        }
+        if cfg.lowerdirs.is_empty() {
+            return Err(SetupError::NoLowerdir);
+        }
+        if cfg.lowerdirs.len() > MAX_LOWER_LAYERS {
+            return Err(SetupError::TooManyLayers(cfg.lowerdirs.len()));
+        }
+        if let (Some(upper), None) = (&cfg.upperdir, &cfg.workdir) {
+            return Err(SetupError::MissingWorkdir(upper.clone()));
+        }
+        Ok(cfg)
+    }
+
+    /// Whether writes are refused with EROFS.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only || self.upperdir.is_none()
+    }
+
+    fn apply(&mut self, opt: &str) -> Result<(), SetupError> {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let bad = |reason: &str| SetupError::BadOption {
+            option: opt.to_string(),
+            reason: reason.to_string(),
+        };
+        let flag = |v: Option<&str>| -> Result<bool, SetupError> {
+            match v {
+                None | Some("1") | Some("on") | Some("true") | Some("yes") => Ok(true),
+                Some("0") | Some("off") | Some("false") | Some("no") => Ok(false),
+                Some(_) => Err(bad("expected 0 or 1")),
+            }
+        };
+        match key {
+            "lowerdir" => {
+                let v = value.ok_or(SetupError::NoLowerdir)?;
+                if v.is_empty() {
+                    return Err(SetupError::NoLowerdir);
+                }
+                self.lowerdirs = split_lowerdir(v)?;
+            }
+            "upperdir" => self.upperdir = Some(unescape(value.ok_or_else(|| bad("needs a path"))?).into()),
+            "workdir" => self.workdir = Some(unescape(value.ok_or_else(|| bad("needs a path"))?).into()),
+            "timeout" => {
+                let secs: f64 = value
+                    .ok_or_else(|| bad("needs a number of seconds"))?
+                    .parse()
+                    .map_err(|_| bad("expected a number of seconds"))?;
+                if !(secs >= 0.0 && secs.is_finite()) {
+                    return Err(bad("expected a non-negative number of seconds"));
+                }
+                self.timeout = Duration::from_secs_f64(secs.min(DEFAULT_TIMEOUT_SECS));
+            }
+            "static_nlink" => self.static_nlink = flag(value)?,
+            "noxattrs" => self.noxattrs = flag(value)?,
+            "fsync" | "sync" if value.is_some() => self.fsync = flag(value)?,
+            "sync" => self.fuse.sync = true,
+            "volatile" => self.fsync = false,
+            "writeback" => self.writeback = flag(value)?,
+            "threaded" | "fast_ino" | "fast_ino_check" => {
+                // Always multi-threaded, and inode numbers are always exact: nothing to change.
+                flag(value)?;
+            }
+            "xino" => match value {
+                Some("off") | Some("auto") | Some("on") => {}
+                _ => return Err(bad("expected off, auto or on")),
+            },
+            "redirect_dir" => match value {
+                // Without redirects we neither create nor follow them: what "off" means for a
+                // read-only union.
+                Some("off") | Some("nofollow") => {}
+                Some("on") | Some("follow") => {
+                    return Err(bad("directory redirects are not supported; use redirect_dir=off"));
+                }
+                _ => return Err(bad("expected off")),
+            },
+            // SELinux label: accepted and dropped, as fuse-overlayfs does.
+            "context" | "fscontext" | "defcontext" | "rootcontext" => {}
+            "debug" => self.debug = true,
+            "ro" => self.read_only = true,
+            "rw" => self.read_only = false,
+            "allow_other" => self.fuse.allow_other = true,
+            "allow_root" => self.fuse.allow_root = true,
+            // We always ask the kernel to check permissions (as fuse-overlayfs does).
+            "default_permissions" => {}
+            "suid" => self.fuse.suid = Some(true),
+            "nosuid" => self.fuse.suid = Some(false),
+            "dev" => self.fuse.dev = Some(true),
+            "nodev" => self.fuse.dev = Some(false),
+            "exec" => self.fuse.exec = Some(true),
+            "noexec" => self.fuse.exec = Some(false),
+            "atime" | "strictatime" | "relatime" => self.fuse.atime = Some(true),
+            "noatime" => self.fuse.atime = Some(false),
+            "diratime" | "nodiratime" | "lazytime" | "nolazytime" | "auto" | "noauto"
+            | "user" | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "async" => {}
+            "dirsync" => self.fuse.dirsync = true,
+            "fsname" => self.fuse.fsname = value.map(str::to_string),
+            "" => {}
+            // Everything else fuse-overlayfs accepts but we do not apply yet (uidmapping=,
+            // squash_to_*, xattr_permissions=, noacl, plugins=, ...) and anything unknown.
+            _ => self.ignored.push(opt.to_string()),
+        }
+        Ok(())
+    }
+}
+
+/// Splits one `-o` argument on commas. `\,` is a literal comma, commas inside double quotes
+/// do not split (SELinux contexts), other backslash escapes are kept for the option's own
+/// parser (`\:` in `lowerdir=`).
+pub fn split_options(arg: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = arg.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(',') => cur.push(','),
+                Some(n) => {
+                    cur.push('\\');
+                    cur.push(n);
+                }
+                None => cur.push('\\'),
+            },
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// Splits `lowerdir=` on unescaped colons; `\:` is a colon in a path, `\\` a backslash.
+pub fn split_lowerdir(value: &str) -> Result<Vec<PathBuf>, SetupError> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(n) => cur.push(n),
+                None => cur.push('\\'),
+            },
+            ':' => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    if out.iter().any(String::is_empty) {
+        return Err(SetupError::EmptyLayer(value.to_string()));
+    }
+    Ok(out.into_iter().map(PathBuf::from).collect())
+}
+
+/// Removes backslash escapes from a single path (`upperdir=`, `workdir=`).
+fn unescape(value: &str) -> String {
+    let mut out = String::new();
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.push(chars.next().unwrap_or('\\'));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_respects_escapes_and_quotes() {
+        assert_eq!(
+            split_options(r#"lowerdir=a\,b,context="x,y",ro"#),
+            vec!["lowerdir=a,b", r#"context="x,y""#, "ro"]
+        );
+        assert_eq!(split_options(r"lowerdir=a\:b:c"), vec![r"lowerdir=a\:b:c"]);
+    }
+
+    #[test]
+    fn lowerdir_colon_escape() {
+        let v = split_lowerdir(r"/a\:b:/c").unwrap();
+        assert_eq!(v, vec![PathBuf::from("/a:b"), PathBuf::from("/c")]);
+        assert!(matches!(split_lowerdir("/a::/b"), Err(SetupError::EmptyLayer(_))));
+        assert!(matches!(split_lowerdir("/a:"), Err(SetupError::EmptyLayer(_))));
+    }
+
+    #[test]
+    fn full_command_line() {
+        let cfg = Config::parse(&["lowerdir=/l1:/l2,upperdir=/u", "workdir=/w,volatile,foo=bar"]).unwrap();
+        assert_eq!(cfg.lowerdirs.len(), 2);
+        assert_eq!(cfg.upperdir, Some(PathBuf::from("/u")));
+        assert!(!cfg.fsync);
+        assert_eq!(cfg.ignored, vec!["foo=bar"]);
+        assert!(!cfg.is_read_only());
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert!(matches!(Config::parse(&["upperdir=/u"]), Err(SetupError::NoLowerdir)));
+        assert!(matches!(Config::parse(&["lowerdir="]), Err(SetupError::NoLowerdir)));
+        assert!(matches!(
+            Config::parse(&["lowerdir=/l,upperdir=/u"]),
+            Err(SetupError::MissingWorkdir(_))
+        ));
+        assert!(matches!(
+            Config::parse(&["lowerdir=/l,redirect_dir=on"]),
+            Err(SetupError::BadOption { .. })
+        ));
+        assert!(matches!(Config::parse(&["lowerdir=/l,timeout=-1"]), Err(SetupError::BadOption { .. })));
+        let many = (0..501).map(|i| format!("/l{i}")).collect::<Vec<_>>().join(":");
+        assert!(matches!(
+            Config::parse(&[format!("lowerdir={many}")]),
+            Err(SetupError::TooManyLayers(501))
+        ));
+    }
+
+    #[test]
+    fn later_options_win_and_ro_without_upper() {
+        let cfg = Config::parse(&["lowerdir=/a", "lowerdir=/b"]).unwrap();
+        assert_eq!(cfg.lowerdirs, vec![PathBuf::from("/b")]);
+        assert!(cfg.is_read_only());
+    }
+}

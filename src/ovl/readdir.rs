@@ -1,0 +1,170 @@
+//! Merged directory listings (kernel `fs/overlayfs/readdir.c`).
+//!
+//! A listing is built once per open directory stream, when it is read from offset 0 (open or
+//! `rewinddir`), and kept for the stream's life: offsets are indices into it, so `telldir` /
+//! `seekdir` are stable and unlinks during the walk do not shift entries, as with the kernel's
+//! per-open `ovl_dir_cache`.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rustix::fs::FileType;
+
+use crate::error::{Error, Result};
+use crate::ovl::inode::{Ino, Node};
+use crate::ovl::{Overlay, whiteout};
+use crate::sys;
+
+/// One entry of a merged listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    /// The name.
+    pub name: OsString,
+    /// `d_ino`: the same number `stat` reports for the entry.
+    pub ino: Ino,
+    /// `d_type`.
+    pub file_type: FileType,
+}
+
+/// An open directory stream.
+#[derive(Debug)]
+struct DirHandle {
+    node: Arc<Node>,
+    listing: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+/// Open directory streams by handle number.
+#[derive(Debug, Default)]
+pub struct DirTable {
+    map: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    next: AtomicU64,
+}
+
+impl Overlay {
+    /// Opens a directory stream on `node`.
+    pub fn opendir(&self, node: Arc<Node>) -> Result<u64> {
+        if !node.is_dir() {
+            return Err(Error::NotDir);
+        }
+        let fh = self.dirs.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let handle = Arc::new(DirHandle {
+            node,
+            listing: Mutex::new(None),
+        });
+        self.dirs
+            .map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, handle);
+        Ok(fh)
+    }
+
+    /// Closes a directory stream.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs
+            .map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+    }
+
+    /// The listing of stream `fh` to serve a read at `offset`; rebuilt at offset 0.
+    /// Entry `i` of the result has offset `i + 1` (the offset of the entry after it).
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<(Arc<Node>, Arc<Vec<DirEntry>>)> {
+        let handle = self
+            .dirs
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::BadHandle(fh))?;
+        let mut listing = handle.listing.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = match (&*listing, offset) {
+            (Some(l), o) if o != 0 => l.clone(),
+            _ => {
+                let l = Arc::new(self.read_merged(&handle.node)?);
+                *listing = Some(l.clone());
+                l
+            }
+        };
+        Ok((handle.node.clone(), entries))
+    }
+
+    /// Builds the merged listing of `dir`: `.` and `..` first, then each name once (the top
+    /// layer's entry), whiteouts and their targets left out.
+    pub fn read_merged(&self, dir: &Node) -> Result<Vec<DirEntry>> {
+        let reals = dir.state().reals.clone();
+        let parent_ino = dir.state().parent.as_ref().map_or(Ino::ROOT, |p| p.ino);
+        let mut out = vec![
+            DirEntry {
+                name: ".".into(),
+                ino: dir.ino,
+                file_type: FileType::Directory,
+            },
+            DirEntry {
+                name: "..".into(),
+                ino: parent_ino,
+                file_type: FileType::Directory,
+            },
+        ];
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let mut whited: HashSet<OsString> = HashSet::new();
+        for real in reals {
+            let fd = self.real_dir_fd(dir, real.layer)?;
+            let fsid = self.layers.get(real.layer).map_or(0, |l| l.fsid);
+            let raw = sys::fs::read_dir(fd.as_fd()).map_err(|e| Error::io("readdir", e))?;
+            // Whiteouts of this layer hide names in the layers below only (OCI layer.md).
+            let mut layer_whiteouts = Vec::new();
+            for e in raw {
+                if whiteout::is_reserved_name(&e.name) {
+                    if let Some(target) = whiteout::hidden_by_wh(&e.name) {
+                        layer_whiteouts.push(target.to_owned());
+                    }
+                    continue;
+                }
+                if seen.contains(&e.name) || whited.contains(&e.name) {
+                    continue;
+                }
+                let mut file_type = e.file_type;
+                if file_type == FileType::Unknown
+                    || file_type == FileType::CharacterDevice
+                    || (real.xwhiteouts && file_type == FileType::RegularFile)
+                {
+                    let st = match sys::fs::stat_name(fd.as_fd(), &e.name) {
+                        Ok(st) => st,
+                        // Gone since getdents: not part of the listing.
+                        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => continue,
+                        Err(err) => return Err(Error::io("stat dir entry", err)),
+                    };
+                    file_type = FileType::from_raw_mode(st.st_mode);
+                    if whiteout::is_chardev_whiteout(&st)
+                        || (real.xwhiteouts
+                            && whiteout::may_be_xattr_whiteout(&st)
+                            && whiteout::is_xattr_whiteout(fd.as_fd(), &e.name)
+                                .map_err(|err| Error::io("read xattr whiteout", err))?)
+                    {
+                        layer_whiteouts.push(e.name);
+                        continue;
+                    }
+                }
+                seen.insert(e.name.clone());
+                out.push(DirEntry {
+                    ino: self.inomap.map(fsid, e.ino),
+                    name: e.name,
+                    file_type,
+                });
+            }
+            whited.extend(layer_whiteouts);
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `name` is `.` or `..` (entries the kernel does not count as lookups).
+pub fn is_dot_or_dotdot(name: &OsStr) -> bool {
+    name == "." || name == ".."
+}

@@ -1,0 +1,61 @@
+//! User-visible extended attributes (kernel `fs/overlayfs/xattrs.c`): those of the top real
+//! object, with the overlay's private names hidden.
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+
+use crate::error::{Error, Result};
+use crate::ovl::inode::Node;
+use crate::ovl::{Overlay, whiteout};
+use crate::sys;
+
+impl Overlay {
+    /// Value of attribute `name` of `node`.
+    pub fn getxattr(&self, node: &Node, name: &OsStr) -> Result<Vec<u8>> {
+        if self.cfg.noxattrs {
+            return Err(Error::NotSupported);
+        }
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(Error::NoXattr);
+        }
+        let fd = self.real_path_fd(node)?;
+        sys::fs::get_xattr(fd.as_fd(), name)
+            .map_err(|e| Error::io("getxattr", e))?
+            .ok_or(Error::NoXattr)
+    }
+
+    /// Names of the attributes of `node`, NUL-terminated and concatenated as `listxattr(2)`
+    /// returns them.
+    pub fn listxattr(&self, node: &Node) -> Result<Vec<u8>> {
+        if self.cfg.noxattrs {
+            return Ok(Vec::new());
+        }
+        let fd = self.real_path_fd(node)?;
+        let raw = sys::fs::list_xattr(fd.as_fd()).map_err(|e| Error::io("listxattr", e))?;
+        Ok(filter_private(&raw))
+    }
+}
+
+/// Drops the overlay-private names from a raw `listxattr` buffer.
+fn filter_private(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for name in raw.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        if !whiteout::is_private_xattr(name) {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_names_are_filtered() {
+        let raw = b"user.a\0trusted.overlay.opaque\0security.capability\0user.fuseoverlayfs.origin\0";
+        assert_eq!(filter_private(raw), b"user.a\0security.capability\0".to_vec());
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests through the real `stratafs` binary (one test binary keeps link time
+//! down). Tests that need a FUSE mount check for root and /dev/fuse first and say why they
+//! skip; the command-line checks run everywhere.
+
+mod support;
+
+mod cli_errors;
+mod mount_life;
+mod safety;

@@ -87,8 +87,10 @@ impl Error {
 
     /// Whether this error is worth a warning in the log (ordinary misses are not).
     pub fn is_unexpected(&self) -> bool {
-        matches!(self, Error::Internal(_) | Error::StaleInode(_) | Error::BadHandle(_))
-            || matches!(self, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
+        matches!(
+            self,
+            Error::Internal(_) | Error::StaleInode(_) | Error::BadHandle(_)
+        ) || matches!(self, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
     }
 }
 

@@ -67,9 +67,9 @@ fn file_attr(st: &Stat) -> FileAttr {
         ino: INodeNo(st.st_ino),
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
-        atime: system_time(st.st_atime as i64, st.st_atime_nsec as i64),
-        mtime: system_time(st.st_mtime as i64, st.st_mtime_nsec as i64),
-        ctime: system_time(st.st_ctime as i64, st.st_ctime_nsec as i64),
+        atime: system_time(st.st_atime, st.st_atime_nsec as i64),
+        mtime: system_time(st.st_mtime, st.st_mtime_nsec as i64),
+        ctime: system_time(st.st_ctime, st.st_ctime_nsec as i64),
         crtime: UNIX_EPOCH,
         kind: fuse_file_type(FileType::from_raw_mode(st.st_mode)),
         perm: (st.st_mode & 0o7777) as u16,
@@ -379,8 +379,14 @@ impl Filesystem for OverlayFs {
                     continue;
                 };
                 st.st_ino = e.ino.0;
-                if reply.add(INodeNo(e.ino.0), next, &e.name, &self.ttl, &file_attr(&st), Generation(0))
-                {
+                if reply.add(
+                    INodeNo(e.ino.0),
+                    next,
+                    &e.name,
+                    &self.ttl,
+                    &file_attr(&st),
+                    Generation(0),
+                ) {
                     break;
                 }
                 continue;

@@ -37,10 +37,11 @@ pub fn run(req: MountRequest) -> Result<(), SetupError> {
     // Everything that can be checked is checked before forking, so errors reach the caller's
     // terminal directly and nothing is mounted.
     let layers = Layers::open(&req.cfg, &req.mountpoint)?;
-    let mountpoint = std::fs::canonicalize(&req.mountpoint).map_err(|source| SetupError::Mountpoint {
-        path: req.mountpoint.clone(),
-        source,
-    })?;
+    let mountpoint =
+        std::fs::canonicalize(&req.mountpoint).map_err(|source| SetupError::Mountpoint {
+            path: req.mountpoint.clone(),
+            source,
+        })?;
     let nofile = sys::process::raise_nofile_limit();
     let layer_fds = req.cfg.lowerdirs.len() as u64 + 8;
     let fd_budget = (nofile.saturating_sub(layer_fds) / 4).clamp(64, 16384) as usize;

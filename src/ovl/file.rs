@@ -41,7 +41,10 @@ impl Overlay {
             self.want_write()?;
         }
         if node.file_type == FileType::Directory {
-            return Err(Error::io("open", std::io::Error::from_raw_os_error(libc::EISDIR)));
+            return Err(Error::io(
+                "open",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            ));
         }
         let top = node.top()?;
         let (parent, name) = self.real_parent(node, top.layer)?;

@@ -170,7 +170,9 @@ impl InodeTable {
         if let Some(node) = map.get(&ino) {
             let prev = node
                 .lookups
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(n)))
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some(c.saturating_sub(n))
+                })
                 .unwrap_or(0);
             if prev <= n {
                 map.remove(&ino);

@@ -206,12 +206,16 @@ fn canonical(path: &Path) -> io::Result<PathBuf> {
 fn prepare_workdir(workdir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let name = OsStr::new(WORK_SUBDIR);
     match sys::fs::stat_name(workdir, name) {
-        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory => {}
+        Ok(st)
+            if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::Directory => {}
         Ok(_) => {
             sys::fs::remove_tree(workdir, name)?;
             sys::fs::make_dir(workdir, name, 0o700)?;
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => sys::fs::make_dir(workdir, name, 0o700)?,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            sys::fs::make_dir(workdir, name, 0o700)?
+        }
         Err(e) => return Err(e),
     }
     let work = sys::fs::open_dir_path(workdir, name)?;

@@ -25,7 +25,7 @@ use rustix::fs::{FileType, Stat};
 
 use crate::error::{Error, Result};
 use crate::sys;
-use inode::{InoMap, Ino, InodeTable, Node, NodeState, Real};
+use inode::{Ino, InoMap, InodeTable, Node, NodeState, Real};
 use layer::{LayerIdx, Layers};
 use params::Config;
 
@@ -119,7 +119,10 @@ impl Overlay {
     /// Target of the symlink `node`.
     pub fn readlink(&self, node: &Node) -> Result<Vec<u8>> {
         if node.file_type != FileType::Symlink {
-            return Err(Error::io("readlink", std::io::Error::from_raw_os_error(libc::EINVAL)));
+            return Err(Error::io(
+                "readlink",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
         }
         let top = node.top()?;
         let (parent, name) = self.real_parent(node, top.layer)?;

@@ -54,7 +54,11 @@ impl Overlay {
         match name.as_bytes() {
             b"." => return self.lookup_existing(parent.clone()),
             b".." => {
-                let up = parent.state().parent.clone().unwrap_or_else(|| parent.clone());
+                let up = parent
+                    .state()
+                    .parent
+                    .clone()
+                    .unwrap_or_else(|| parent.clone());
                 return self.lookup_existing(up);
             }
             _ => {}
@@ -168,10 +172,19 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(check_name(OsStr::new("a")).is_ok());
-        assert!(matches!(check_name(OsStr::new("")), Err(Error::InvalidName)));
-        assert!(matches!(check_name(OsStr::new("a/b")), Err(Error::InvalidName)));
+        assert!(matches!(
+            check_name(OsStr::new("")),
+            Err(Error::InvalidName)
+        ));
+        assert!(matches!(
+            check_name(OsStr::new("a/b")),
+            Err(Error::InvalidName)
+        ));
         let long = "x".repeat(256);
-        assert!(matches!(check_name(OsStr::new(&long)), Err(Error::NameTooLong)));
+        assert!(matches!(
+            check_name(OsStr::new(&long)),
+            Err(Error::NameTooLong)
+        ));
         assert!(check_name(OsStr::new(&long[..255])).is_ok());
     }
 }

@@ -137,8 +137,12 @@ impl Config {
                 }
                 self.lowerdirs = split_lowerdir(v)?;
             }
-            "upperdir" => self.upperdir = Some(unescape(value.ok_or_else(|| bad("needs a path"))?).into()),
-            "workdir" => self.workdir = Some(unescape(value.ok_or_else(|| bad("needs a path"))?).into()),
+            "upperdir" => {
+                self.upperdir = Some(unescape(value.ok_or_else(|| bad("needs a path"))?).into())
+            }
+            "workdir" => {
+                self.workdir = Some(unescape(value.ok_or_else(|| bad("needs a path"))?).into())
+            }
             "timeout" => {
                 let secs: f64 = value
                     .ok_or_else(|| bad("needs a number of seconds"))?
@@ -168,7 +172,9 @@ impl Config {
                 // read-only union.
                 Some("off") | Some("nofollow") => {}
                 Some("on") | Some("follow") => {
-                    return Err(bad("directory redirects are not supported; use redirect_dir=off"));
+                    return Err(bad(
+                        "directory redirects are not supported; use redirect_dir=off",
+                    ));
                 }
                 _ => return Err(bad("expected off")),
             },
@@ -189,8 +195,8 @@ impl Config {
             "noexec" => self.fuse.exec = Some(false),
             "atime" | "strictatime" | "relatime" => self.fuse.atime = Some(true),
             "noatime" => self.fuse.atime = Some(false),
-            "diratime" | "nodiratime" | "lazytime" | "nolazytime" | "auto" | "noauto"
-            | "user" | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "async" => {}
+            "diratime" | "nodiratime" | "lazytime" | "nolazytime" | "auto" | "noauto" | "user"
+            | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "async" => {}
             "dirsync" => self.fuse.dirsync = true,
             "fsname" => self.fuse.fsname = value.map(str::to_string),
             "" => {}
@@ -286,13 +292,23 @@ mod tests {
     fn lowerdir_colon_escape() {
         let v = split_lowerdir(r"/a\:b:/c").unwrap();
         assert_eq!(v, vec![PathBuf::from("/a:b"), PathBuf::from("/c")]);
-        assert!(matches!(split_lowerdir("/a::/b"), Err(SetupError::EmptyLayer(_))));
-        assert!(matches!(split_lowerdir("/a:"), Err(SetupError::EmptyLayer(_))));
+        assert!(matches!(
+            split_lowerdir("/a::/b"),
+            Err(SetupError::EmptyLayer(_))
+        ));
+        assert!(matches!(
+            split_lowerdir("/a:"),
+            Err(SetupError::EmptyLayer(_))
+        ));
     }
 
     #[test]
     fn full_command_line() {
-        let cfg = Config::parse(&["lowerdir=/l1:/l2,upperdir=/u", "workdir=/w,volatile,foo=bar"]).unwrap();
+        let cfg = Config::parse(&[
+            "lowerdir=/l1:/l2,upperdir=/u",
+            "workdir=/w,volatile,foo=bar",
+        ])
+        .unwrap();
         assert_eq!(cfg.lowerdirs.len(), 2);
         assert_eq!(cfg.upperdir, Some(PathBuf::from("/u")));
         assert!(!cfg.fsync);
@@ -302,8 +318,14 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused() {
-        assert!(matches!(Config::parse(&["upperdir=/u"]), Err(SetupError::NoLowerdir)));
-        assert!(matches!(Config::parse(&["lowerdir="]), Err(SetupError::NoLowerdir)));
+        assert!(matches!(
+            Config::parse(&["upperdir=/u"]),
+            Err(SetupError::NoLowerdir)
+        ));
+        assert!(matches!(
+            Config::parse(&["lowerdir="]),
+            Err(SetupError::NoLowerdir)
+        ));
         assert!(matches!(
             Config::parse(&["lowerdir=/l,upperdir=/u"]),
             Err(SetupError::MissingWorkdir(_))
@@ -312,8 +334,14 @@ mod tests {
             Config::parse(&["lowerdir=/l,redirect_dir=on"]),
             Err(SetupError::BadOption { .. })
         ));
-        assert!(matches!(Config::parse(&["lowerdir=/l,timeout=-1"]), Err(SetupError::BadOption { .. })));
-        let many = (0..501).map(|i| format!("/l{i}")).collect::<Vec<_>>().join(":");
+        assert!(matches!(
+            Config::parse(&["lowerdir=/l,timeout=-1"]),
+            Err(SetupError::BadOption { .. })
+        ));
+        let many = (0..501)
+            .map(|i| format!("/l{i}"))
+            .collect::<Vec<_>>()
+            .join(":");
         assert!(matches!(
             Config::parse(&[format!("lowerdir={many}")]),
             Err(SetupError::TooManyLayers(501))

@@ -36,8 +36,11 @@ const WHITEOUT_XATTRS: [&str; 2] = ["trusted.overlay.whiteout", "user.overlay.wh
 
 /// Prefixes of the extended attributes that belong to the overlay itself and are never shown
 /// to users (kernel `ovl_is_private_xattr`, plus fuse-overlayfs's own namespace).
-pub const PRIVATE_XATTR_PREFIXES: [&[u8]; 3] =
-    [b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs."];
+pub const PRIVATE_XATTR_PREFIXES: [&[u8]; 3] = [
+    b"trusted.overlay.",
+    b"user.overlay.",
+    b"user.fuseoverlayfs.",
+];
 
 /// Whether `name` is an overlay-private extended attribute.
 pub fn is_private_xattr(name: &[u8]) -> bool {
@@ -90,7 +93,12 @@ pub fn is_xattr_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> 
 pub fn has_wh_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
     match sys::fs::stat_name(dir, &wh_name(name)) {
         Ok(_) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENAMETOOLONG)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENAMETOOLONG)
+            ) =>
+        {
             Ok(false)
         }
         Err(e) => Err(e),

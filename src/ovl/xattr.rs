@@ -55,7 +55,11 @@ mod tests {
 
     #[test]
     fn private_names_are_filtered() {
-        let raw = b"user.a\0trusted.overlay.opaque\0security.capability\0user.fuseoverlayfs.origin\0";
-        assert_eq!(filter_private(raw), b"user.a\0security.capability\0".to_vec());
+        let raw =
+            b"user.a\0trusted.overlay.opaque\0security.capability\0user.fuseoverlayfs.origin\0";
+        assert_eq!(
+            filter_private(raw),
+            b"user.a\0security.capability\0".to_vec()
+        );
     }
 }

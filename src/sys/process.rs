@@ -123,7 +123,7 @@ pub fn raise_nofile_limit() -> u64 {
     if let Some(max) = limit.maximum {
         if limit.current.is_none_or(|cur| cur < max) {
             limit.current = Some(max);
-            let _ = setrlimit(Resource::Nofile, limit.clone());
+            let _ = setrlimit(Resource::Nofile, limit);
         }
     }
     getrlimit(Resource::Nofile).current.unwrap_or(1 << 20)

@@ -7,7 +7,11 @@ fn refuse(s: &Scratch, opts: &str, mnt: &std::path::Path) -> String {
     let out = run(["-o", opts, mnt.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "accepted {opts:?}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr:?}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr:?}"
+    );
     assert!(stderr.starts_with("stratafs: "), "{stderr:?}");
     assert!(!is_mounted(mnt), "left a mount behind for {opts:?}");
     assert!(!is_mounted(&s.mnt()));
@@ -20,17 +24,33 @@ fn missing_or_empty_lowerdir() {
     let m = s.mnt();
     assert!(refuse(&s, "upperdir=/tmp", &m).contains("no lower layer"));
     assert!(refuse(&s, "lowerdir=", &m).contains("no lower layer"));
-    let e = refuse(&s, &format!("lowerdir={}::{}", s.path("l1").display(), s.path("l2").display()), &m);
+    let e = refuse(
+        &s,
+        &format!(
+            "lowerdir={}::{}",
+            s.path("l1").display(),
+            s.path("l2").display()
+        ),
+        &m,
+    );
     assert!(e.contains("empty layer"), "{e}");
 }
 
 #[test]
 fn layer_missing_or_not_a_directory() {
     let s = Scratch::new();
-    let e = refuse(&s, &format!("lowerdir={}", s.path("nope").display()), &s.mnt());
+    let e = refuse(
+        &s,
+        &format!("lowerdir={}", s.path("nope").display()),
+        &s.mnt(),
+    );
     assert!(e.contains("No such file"), "{e}");
     s.write("l1/file", "x");
-    let e = refuse(&s, &format!("lowerdir={}", s.path("l1/file").display()), &s.mnt());
+    let e = refuse(
+        &s,
+        &format!("lowerdir={}", s.path("l1/file").display()),
+        &s.mnt(),
+    );
     assert!(e.contains("Not a directory"), "{e}");
 }
 
@@ -39,7 +59,11 @@ fn upperdir_without_workdir() {
     let s = Scratch::new();
     let e = refuse(
         &s,
-        &format!("lowerdir={},upperdir={}", s.path("l1").display(), s.path("u").display()),
+        &format!(
+            "lowerdir={},upperdir={}",
+            s.path("l1").display(),
+            s.path("u").display()
+        ),
         &s.mnt(),
     );
     assert!(e.contains("workdir"), "{e}");
@@ -98,8 +122,14 @@ fn mountpoint_is_or_inside_or_above_a_layer() {
     // The mountpoint is a lower layer, lies inside one, or contains one; same for upper.
     let cases = [
         (format!("lowerdir={}", s.path("l1").display()), s.path("l1")),
-        (format!("lowerdir={}", s.path("l1").display()), s.path("l1/inner")),
-        (format!("lowerdir={}", s.path("l1/inner").display()), s.path("l1")),
+        (
+            format!("lowerdir={}", s.path("l1").display()),
+            s.path("l1/inner"),
+        ),
+        (
+            format!("lowerdir={}", s.path("l1/inner").display()),
+            s.path("l1"),
+        ),
         (
             format!(
                 "lowerdir={},upperdir={},workdir={}",
@@ -120,7 +150,11 @@ fn mountpoint_is_or_inside_or_above_a_layer() {
 fn redirect_dir_values_we_cannot_honour() {
     let s = Scratch::new();
     for v in ["on", "follow", "bogus"] {
-        let e = refuse(&s, &format!("lowerdir={},redirect_dir={v}", s.path("l1").display()), &s.mnt());
+        let e = refuse(
+            &s,
+            &format!("lowerdir={},redirect_dir={v}", s.path("l1").display()),
+            &s.mnt(),
+        );
         assert!(e.contains("redirect_dir"), "{e}");
     }
 }

@@ -23,7 +23,7 @@ fn daemons_for(mnt: &Path) -> Vec<u32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.ends_with("stratafs")) && args.iter().any(|a| *a == want) {
+        if args.first().is_some_and(|a| a.ends_with("stratafs")) && args.contains(&want) {
             out.push(pid);
         }
     }
@@ -59,7 +59,10 @@ fn read_only_mount_reads_and_refuses_every_write() {
     };
     erofs(std::fs::write(m.join("new"), "x"), "create");
     erofs(
-        std::fs::OpenOptions::new().write(true).open(m.join("a")).map(drop),
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("a"))
+            .map(drop),
         "open for write",
     );
     erofs(std::fs::create_dir(m.join("nd")), "mkdir");
@@ -93,7 +96,11 @@ fn fusermount_unmount_ends_the_daemon() {
     s.mount(true);
     let m = s.mnt();
     assert_eq!(daemons_for(&m).len(), 1, "one daemon in the background");
-    let st = Command::new("fusermount3").arg("-u").arg(&m).status().unwrap();
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m)
+        .status()
+        .unwrap();
     assert!(st.success());
     assert!(!is_mounted(&m));
     assert!(
@@ -132,7 +139,10 @@ fn sigterm_and_sigint_unmount_cleanly_and_exit_zero() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        assert!(wait_for(Duration::from_secs(10), || is_mounted(&m)), "not mounted");
+        assert!(
+            wait_for(Duration::from_secs(10), || is_mounted(&m)),
+            "not mounted"
+        );
         assert_eq!(std::fs::read_to_string(m.join("a")).unwrap(), "top");
         // SAFETY-free: rustix's kill takes a checked pid.
         let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
@@ -164,7 +174,11 @@ fn mount_fuse3_helper_calling_convention() {
     let bindir = s.path("bin");
     std::fs::create_dir(&bindir).unwrap();
     std::os::unix::fs::symlink(bin(), bindir.join("stratafs")).unwrap();
-    let path = format!("{}:{}", bindir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bindir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let out = Command::new("/sbin/mount.fuse3")
         .env("PATH", &path)
         .arg("demo-src")
@@ -172,11 +186,17 @@ fn mount_fuse3_helper_calling_convention() {
         .args(["-t", "stratafs", "-o", &s.opts(true)])
         .output()
         .unwrap();
-    assert!(out.status.success(), "mount.fuse3: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mount.fuse3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(m.join("a")).unwrap(), "top");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
-        mounts.lines().any(|l| l.starts_with("demo-src ") && l.contains(" fuse.stratafs ")),
+        mounts
+            .lines()
+            .any(|l| l.starts_with("demo-src ") && l.contains(" fuse.stratafs ")),
         "source and type shown in /proc/mounts"
     );
     assert!(Command::new("umount").arg(&m).status().unwrap().success());
@@ -203,7 +223,11 @@ fn mount_t_and_fstab_line_with_installed_binary() {
         .args(["-o", &s.opts(true)])
         .output()
         .unwrap();
-    assert!(out.status.success(), "mount -t: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mount -t: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(m.join("a")).unwrap(), "top");
     assert!(Command::new("umount").arg(&m).status().unwrap().success());
 
@@ -211,11 +235,24 @@ fn mount_t_and_fstab_line_with_installed_binary() {
     let fstab = s.path("fstab");
     std::fs::write(
         &fstab,
-        format!("stratafs-demo {} fuse.stratafs {},noauto 0 0\n", m.display(), s.opts(false)),
+        format!(
+            "stratafs-demo {} fuse.stratafs {},noauto 0 0\n",
+            m.display(),
+            s.opts(false)
+        ),
     )
     .unwrap();
-    let out = Command::new("mount").arg("-T").arg(&fstab).arg(&m).output().unwrap();
-    assert!(out.status.success(), "fstab: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fstab: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(m.join("d/x")).unwrap(), "x");
     assert!(Command::new("umount").arg(&m).status().unwrap().success());
     assert!(wait_for(Duration::from_secs(5), || daemons_for(&m).is_empty()));
@@ -236,8 +273,19 @@ fn glued_and_repeated_options_and_escaped_colon() {
         s.path("l1").display(),
         colon.display().to_string().replace(':', "\\:")
     );
-    let out = run([lower.as_str(), "-o", "noatime", "-o", "fast_ino=1,bogus_opt", s.mnt().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run([
+        lower.as_str(),
+        "-o",
+        "noatime",
+        "-o",
+        "fast_ino=1,bogus_opt",
+        s.mnt().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown argument ignored: bogus_opt"));
     assert_eq!(std::fs::read_to_string(s.mnt().join("c")).unwrap(), "colon");
     assert_eq!(std::fs::read_to_string(s.mnt().join("a")).unwrap(), "top");
@@ -259,11 +307,23 @@ fn five_hundred_lower_layers() {
         std::fs::write(d.join("shared"), i.to_string()).unwrap();
         lowers.push(d.display().to_string());
     }
-    let out = run(["-o", &format!("lowerdir={}", lowers.join(":")), s.mnt().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run([
+        "-o",
+        &format!("lowerdir={}", lowers.join(":")),
+        s.mnt().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let m = s.mnt();
     assert_eq!(std::fs::read_to_string(m.join("f499")).unwrap(), "499");
-    assert_eq!(std::fs::read_to_string(m.join("shared")).unwrap(), "0", "top layer wins");
+    assert_eq!(
+        std::fs::read_to_string(m.join("shared")).unwrap(),
+        "0",
+        "top layer wins"
+    );
     assert_eq!(std::fs::read_dir(&m).unwrap().count(), 501);
 }
 

@@ -20,8 +20,16 @@ fn symlinks_in_layers_never_lead_the_daemon_outside() {
     symlink("/etc", s.path("l2/d")).unwrap();
     s.mount(false);
     let m = s.mnt();
-    assert_eq!(std::fs::read_link(m.join("etc")).unwrap().to_str(), Some("/etc"));
-    assert!(std::fs::symlink_metadata(m.join("x")).unwrap().file_type().is_symlink());
+    assert_eq!(
+        std::fs::read_link(m.join("etc")).unwrap().to_str(),
+        Some("/etc")
+    );
+    assert!(
+        std::fs::symlink_metadata(m.join("x"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     let names: Vec<_> = std::fs::read_dir(m.join("d"))
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -16,7 +16,10 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    Command::new(bin()).args(args).output().expect("run stratafs")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run stratafs")
 }
 
 /// Whether real FUSE mounts can be made here; prints the reason when not.

@@ -341,3 +341,65 @@ fn names_of_255_bytes() {
     let e = std::fs::metadata(m.join("n".repeat(256))).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
 }
+
+#[test]
+fn inode_numbers_unique_across_filesystems_and_equal_to_d_ino() {
+    if !can_mount("inode_numbers_unique_across_filesystems_and_equal_to_d_ino") {
+        return;
+    }
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let s = Scratch::new();
+    // Two fresh tmpfs instances number their inodes identically: without the xino scheme the
+    // merged view would show the same st_ino for different files.
+    let (a, b) = (s.path("l1"), s.path("l2"));
+    for d in [&a, &b] {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(d)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs");
+    }
+    struct Unmount(Vec<std::path::PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = Command::new("umount").arg("-l").arg(d).status();
+            }
+        }
+    }
+    let _guard = Unmount(vec![a.clone(), b.clone()]);
+    for i in 0..100 {
+        std::fs::write(a.join(format!("a{i}")), "a").unwrap();
+        std::fs::write(b.join(format!("b{i}")), "b").unwrap();
+    }
+    let collide = (0..100).any(|i| {
+        std::fs::metadata(a.join(format!("a{i}"))).unwrap().ino()
+            == std::fs::metadata(b.join(format!("b{i}"))).unwrap().ino()
+    });
+    assert!(collide, "fixture: the two tmpfs should reuse inode numbers");
+    s.mount(false);
+    let mut seen = std::collections::HashMap::new();
+    for e in std::fs::read_dir(s.mnt()).unwrap() {
+        let e = e.unwrap();
+        let st = std::fs::symlink_metadata(e.path()).unwrap();
+        assert_eq!(e.ino(), st.ino(), "d_ino != st_ino for {:?}", e.file_name());
+        if let Some(prev) = seen.insert(st.ino(), e.file_name()) {
+            panic!(
+                "{:?} and {:?} share inode {}",
+                prev,
+                e.file_name(),
+                st.ino()
+            );
+        }
+    }
+    assert_eq!(seen.len(), 200);
+    let again = std::fs::symlink_metadata(s.mnt().join("a7")).unwrap().ino();
+    assert_eq!(
+        seen.get(&again).map(|n| n.to_string_lossy().into_owned()),
+        Some("a7".into())
+    );
+    let m = s.mnt();
+    assert!(Command::new("umount").arg(&m).status().unwrap().success());
+}

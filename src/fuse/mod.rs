@@ -17,9 +17,13 @@ use rustix::fs::{FileType, Stat};
 use tracing::{debug, warn};
 
 use crate::error::Error;
+use crate::ovl::dir::{Caller, NewObject};
 use crate::ovl::inode::{Ino, Node};
+use crate::ovl::layer::LayerIdx;
 use crate::ovl::readdir::is_dot_or_dotdot;
+use crate::ovl::setattr::SetAttr;
 use crate::ovl::{Entry, Overlay};
+use crate::sys::fs::TimeSpec;
 
 /// The mounted filesystem as fuser sees it.
 pub struct OverlayFs {
@@ -50,14 +54,13 @@ impl OverlayFs {
 
     fn entry_reply(&self, reply: ReplyEntry, res: Result<Entry, Error>, op: &'static str) {
         match res {
-            Ok(e) => reply.entry(&self.ttl, &file_attr(&e.stat), Generation(0)),
+            Ok(e) => reply.entry(
+                &self.ttl,
+                &file_attr(&e.stat),
+                Generation(e.node.generation),
+            ),
             Err(e) => reply.error(Self::fail(op, &e)),
         }
-    }
-
-    fn read_only(&self, op: &'static str) -> Errno {
-        let err = self.ovl.want_write().err().unwrap_or(Error::ReadOnly);
-        Self::fail(op, &err)
     }
 }
 
@@ -144,22 +147,37 @@ impl Filesystem for OverlayFs {
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(self.read_only("setattr"));
+        debug!(op = "setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size);
+        let attr = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_spec),
+            mtime: mtime.map(time_spec),
+        };
+        match self
+            .node(ino)
+            .and_then(|n| self.ovl.setattr(&n, attr, fh.map(|f| f.0)))
+        {
+            Ok(st) => reply.attr(&self.ttl, &file_attr(&st)),
+            Err(e) => reply.error(Self::fail("setattr", &e)),
+        }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -172,70 +190,133 @@ impl Filesystem for OverlayFs {
 
     fn mknod(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(self.read_only("mknod"));
+        debug!(op = "mknod", parent = parent.0, ?name, mode);
+        let res = self.node(parent).and_then(|p| {
+            self.ovl
+                .create_object(
+                    &p,
+                    name,
+                    mode,
+                    NewObject::Node(u64::from(rdev)),
+                    caller(req),
+                )
+                .map(|(e, _)| e)
+        });
+        self.entry_reply(reply, res, "mknod");
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(self.read_only("mkdir"));
+        debug!(op = "mkdir", parent = parent.0, ?name, mode);
+        let res = self.node(parent).and_then(|p| {
+            self.ovl
+                .create_object(
+                    &p,
+                    name,
+                    libc::S_IFDIR | (mode & 0o7777),
+                    NewObject::Dir,
+                    caller(req),
+                )
+                .map(|(e, _)| e)
+        });
+        self.entry_reply(reply, res, "mkdir");
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.read_only("unlink"));
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!(op = "unlink", parent = parent.0, ?name);
+        match self.node(parent).and_then(|p| self.ovl.unlink(&p, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("unlink", &e)),
+        }
     }
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.read_only("rmdir"));
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!(op = "rmdir", parent = parent.0, ?name);
+        match self.node(parent).and_then(|p| self.ovl.rmdir(&p, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("rmdir", &e)),
+        }
     }
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(self.read_only("symlink"));
+        debug!(op = "symlink", parent = parent.0, ?link_name, ?target);
+        let res = self.node(parent).and_then(|p| {
+            self.ovl
+                .create_object(
+                    &p,
+                    link_name,
+                    libc::S_IFLNK | 0o777,
+                    NewObject::Symlink(target.as_os_str()),
+                    caller(req),
+                )
+                .map(|(e, _)| e)
+        });
+        self.entry_reply(reply, res, "symlink");
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(self.read_only("rename"));
+        debug!(
+            op = "rename",
+            parent = parent.0,
+            ?name,
+            newparent = newparent.0,
+            ?newname
+        );
+        let res = self.node(parent).and_then(|p| {
+            let np = self.node(newparent)?;
+            self.ovl.rename(&p, name, &np, newname, flags.bits())
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("rename", &e)),
+        }
     }
 
     fn link(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(self.read_only("link"));
+        debug!(op = "link", ino = ino.0, newparent = newparent.0, ?newname);
+        let res = self.node(ino).and_then(|n| {
+            let np = self.node(newparent)?;
+            self.ovl.link(&n, &np, newname)
+        });
+        self.entry_reply(reply, res, "link");
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -274,15 +355,18 @@ impl Filesystem for OverlayFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(self.read_only("write"));
+        match self.ovl.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(Self::fail("write", &e)),
+        }
     }
 
     fn flush(
@@ -314,12 +398,14 @@ impl Filesystem for OverlayFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Nothing of ours is ever dirty on a read-only union.
-        reply.ok();
+        match self.ovl.fsync(fh.0, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("fsync", &e)),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -394,7 +480,8 @@ impl Filesystem for OverlayFs {
             match self.ovl.lookup(&dir, &e.name) {
                 Ok(entry) => {
                     let attr = file_attr(&entry.stat);
-                    if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, Generation(0)) {
+                    let generation = Generation(entry.node.generation);
+                    if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, generation) {
                         // Not sent: the kernel will not count this lookup.
                         self.ovl.forget(entry.node.ino, 1);
                         break;
@@ -453,14 +540,21 @@ impl Filesystem for OverlayFs {
     fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(self.read_only("setxattr"));
+        debug!(op = "setxattr", ino = ino.0, ?name);
+        match self
+            .node(ino)
+            .and_then(|n| self.ovl.setxattr(&n, name, value, flags))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("setxattr", &e)),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -479,8 +573,12 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.read_only("removexattr"));
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!(op = "removexattr", ino = ino.0, ?name);
+        match self.node(ino).and_then(|n| self.ovl.removexattr(&n, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("removexattr", &e)),
+        }
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -500,28 +598,132 @@ impl Filesystem for OverlayFs {
 
     fn create(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(self.read_only("create"));
+        debug!(op = "create", parent = parent.0, ?name, mode, flags);
+        let res = self.node(parent).and_then(|p| {
+            let oflags = create_access(flags);
+            let (entry, fd) = self.ovl.create_object(
+                &p,
+                name,
+                libc::S_IFREG | (mode & 0o7777),
+                NewObject::File(oflags),
+                caller(req),
+            )?;
+            let fd = fd.ok_or(Error::Internal("create returned no descriptor"))?;
+            let fh = self
+                .ovl
+                .add_handle(&entry.node, fd, LayerIdx::UPPER, oflags);
+            Ok((entry, fh))
+        });
+        match res {
+            Ok((e, fh)) => reply.created(
+                &self.ttl,
+                &file_attr(&e.stat),
+                Generation(e.node.generation),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(Self::fail("create", &e)),
+        }
     }
 
     fn fallocate(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(self.read_only("fallocate"));
+        match self.ovl.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("fallocate", &e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        match self.ovl.lseek(fh.0, offset, whence) {
+            Ok(pos) => reply.offset(pos),
+            Err(e) => reply.error(Self::fail("lseek", &e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self
+            .ovl
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(Self::fail("copy_file_range", &e)),
+        }
+    }
+}
+
+/// The credentials new objects are created with.
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// Access mode of a `create` request as open flags for the new upper file.
+fn create_access(flags: i32) -> rustix::fs::OFlags {
+    let acc = match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => rustix::fs::OFlags::WRONLY,
+        libc::O_RDWR => rustix::fs::OFlags::RDWR,
+        _ => rustix::fs::OFlags::RDONLY,
+    };
+    acc | rustix::fs::OFlags::from_bits_retain(
+        (flags & (libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC)) as u32,
+    )
+}
+
+/// FUSE time to a `utimensat` time.
+fn time_spec(t: TimeOrNow) -> TimeSpec {
+    match t {
+        TimeOrNow::Now => TimeSpec::Now,
+        TimeOrNow::SpecificTime(st) => match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => TimeSpec::At(d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                let (s, ns) = (d.as_secs() as i64, d.subsec_nanos());
+                if ns == 0 {
+                    TimeSpec::At(-s, 0)
+                } else {
+                    TimeSpec::At(-s - 1, 1_000_000_000 - ns)
+                }
+            }
+        },
     }
 }
 

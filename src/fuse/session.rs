@@ -120,6 +120,9 @@ fn serve(
             }
         });
     let _ = std::env::set_current_dir("/");
+    // Objects are created with exactly the mode the kernel passes (it applied the caller's
+    // umask already).
+    rustix::process::umask(rustix::fs::Mode::empty());
     info!(mountpoint = ?mountpoint, layers = ovl.cfg.lowerdirs.len(), "mounted");
     if let Some(status) = status {
         status.mounted();

@@ -13,12 +13,18 @@ use rustix::fs::{FileType, OFlags};
 use crate::error::{Error, Result};
 use crate::ovl::Overlay;
 use crate::ovl::inode::Node;
+use crate::ovl::layer::LayerIdx;
 use crate::sys;
 
 /// An open file.
 #[derive(Debug)]
 struct OpenFile {
-    fd: OwnedFd,
+    /// The real file, and the layer it was opened in.
+    real: RwLock<(Arc<OwnedFd>, LayerIdx)>,
+    /// The node, to notice a copy-up that happened since the open.
+    node: Arc<Node>,
+    /// The access flags of the open (to reopen the same way after a copy-up).
+    flags: OFlags,
 }
 
 /// Open files by handle number.
@@ -35,47 +41,156 @@ fn wants_write(flags: i32) -> bool {
 }
 
 impl Overlay {
-    /// Opens `node` with the caller's `open(2)` flags and returns a handle number.
-    pub fn open(&self, node: &Node, flags: i32) -> Result<u64> {
-        if wants_write(flags) {
-            self.want_write()?;
-        }
+    /// Opens `node` with the caller's `open(2)` flags and returns a handle number. Opening for
+    /// write copies the file up first, even if nothing is ever written (overlayfs.rst).
+    pub fn open(&self, node: &Arc<Node>, flags: i32) -> Result<u64> {
         if node.file_type == FileType::Directory {
             return Err(Error::io(
                 "open",
                 std::io::Error::from_raw_os_error(libc::EISDIR),
             ));
         }
-        let top = node.top()?;
-        let (parent, name) = self.real_parent(node, top.layer)?;
-        // Keep only flags that affect reading; lower files never get their atime updated
-        // (overlayfs.rst, "Non-standard behavior").
-        let keep = OFlags::from_bits_retain((flags & (libc::O_NONBLOCK | libc::O_DIRECT)) as u32);
-        let base = OFlags::RDONLY | keep;
-        let fd = match sys::fs::open_beneath(parent.as_fd(), &name, base | OFlags::NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                sys::fs::open_beneath(parent.as_fd(), &name, base)
-            }
-            other => other,
+        let write = wants_write(flags);
+        if write {
+            self.copy_up(node)?;
         }
-        .map_err(|e| Error::io("open", e))?;
+        let acc = match flags & libc::O_ACCMODE {
+            libc::O_WRONLY => OFlags::WRONLY,
+            libc::O_RDWR => OFlags::RDWR,
+            _ => OFlags::RDONLY,
+        };
+        // O_APPEND stays with the kernel, which sends explicit offsets; O_TRUNC arrives as a
+        // separate setattr.
+        let keep = OFlags::from_bits_retain(
+            (flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC)) as u32,
+        );
+        let oflags = acc | keep;
+        let (fd, layer) = self.open_real(node, oflags)?;
+        Ok(self.add_handle(node, fd, layer, oflags))
+    }
+
+    /// Registers an already open real file (from create) as a handle.
+    pub fn add_handle(&self, node: &Arc<Node>, fd: OwnedFd, layer: LayerIdx, flags: OFlags) -> u64 {
         let fh = self.files.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let file = OpenFile {
+            real: RwLock::new((Arc::new(fd), layer)),
+            node: node.clone(),
+            flags,
+        };
         self.files
             .map
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, Arc::new(OpenFile { fd }));
-        Ok(fh)
+            .insert(fh, Arc::new(file));
+        fh
+    }
+
+    /// Opens the top real file of `node`; lower files are never written and never get their
+    /// atime updated (overlayfs.rst, "Non-standard behavior").
+    fn open_real(&self, node: &Node, flags: OFlags) -> Result<(OwnedFd, LayerIdx)> {
+        let top = node.top()?;
+        if let Some(fd) = node.state().detached.clone() {
+            let f = sys::fs::reopen(fd.as_fd(), flags).map_err(|e| Error::io("open", e))?;
+            return Ok((f, top.layer));
+        }
+        let (parent, name) = self.real_parent(node, top.layer)?;
+        let ro = flags & OFlags::RWMODE == OFlags::RDONLY;
+        let fd = match ro {
+            true => match sys::fs::open_beneath(parent.as_fd(), &name, flags | OFlags::NOATIME) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    sys::fs::open_beneath(parent.as_fd(), &name, flags)
+                }
+                other => other,
+            },
+            false => sys::fs::open_beneath(parent.as_fd(), &name, flags),
+        }
+        .map_err(|e| Error::io("open", e))?;
+        Ok((fd, top.layer))
+    }
+
+    /// The real descriptor behind handle `fh`, reopened on the upper copy if the file was
+    /// copied up after this handle was opened (kernel `ovl_real_fdget`), so a read-only handle
+    /// sees what other handles wrote.
+    pub fn handle_fd(&self, fh: u64) -> Result<Arc<OwnedFd>> {
+        let file = self.file(fh)?;
+        let (fd, layer) = file.real.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let top = file.node.top()?;
+        if top.layer == layer || file.node.state().detached.is_some() {
+            return Ok(fd);
+        }
+        let (new, layer) = self.open_real(&file.node, file.flags)?;
+        let new = Arc::new(new);
+        *file.real.write().unwrap_or_else(|e| e.into_inner()) = (new.clone(), layer);
+        Ok(new)
     }
 
     /// Reads up to `size` bytes at `offset` from handle `fh`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let file = self.file(fh)?;
+        let fd = self.handle_fd(fh)?;
         let mut buf = vec![0u8; size as usize];
-        let n = sys::fs::pread_full(file.fd.as_fd(), &mut buf, offset)
-            .map_err(|e| Error::io("read", e))?;
+        let n =
+            sys::fs::pread_full(fd.as_fd(), &mut buf, offset).map_err(|e| Error::io("read", e))?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Writes `data` at `offset` through handle `fh`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let fd = self.handle_fd(fh)?;
+        sys::fs::pwrite_all(fd.as_fd(), data, offset).map_err(|e| Error::io("write", e))
+    }
+
+    /// fsync/fdatasync of handle `fh`; a no-op with `fsync=0`/`volatile`.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        if !self.cfg.fsync {
+            return Ok(());
+        }
+        let fd = self.handle_fd(fh)?;
+        let res = if datasync {
+            rustix::fs::fdatasync(&*fd)
+        } else {
+            rustix::fs::fsync(&*fd)
+        };
+        res.map_err(|e| Error::io("fsync", e.into()))
+    }
+
+    /// fallocate(2) on handle `fh` with the caller's mode bits.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let fd = self.handle_fd(fh)?;
+        let mode = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+        rustix::fs::fallocate(&*fd, mode, offset, length)
+            .map_err(|e| Error::io("fallocate", e.into()))
+    }
+
+    /// lseek with SEEK_DATA/SEEK_HOLE (the kernel handles SEEK_SET/CUR/END itself).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let fd = self.handle_fd(fh)?;
+        let pos = match whence {
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+            libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+            _ => rustix::fs::SeekFrom::Current(offset),
+        };
+        rustix::fs::seek(&*fd, pos)
+            .map(|p| p as i64)
+            .map_err(|e| Error::io("lseek", e.into()))
+    }
+
+    /// copy_file_range between two handles, in the upper layer.
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<usize> {
+        let src = self.handle_fd(fh_in)?;
+        let dst = self.handle_fd(fh_out)?;
+        let (mut i, mut o) = (off_in, off_out);
+        rustix::fs::copy_file_range(&*src, Some(&mut i), &*dst, Some(&mut o), len as usize)
+            .map_err(|e| Error::io("copy_file_range", e.into()))
     }
 
     /// Closes handle `fh`.

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -46,9 +47,13 @@ pub struct NodeState {
     pub parent: Option<Arc<Node>>,
     /// The name in `parent` (for a hard-linked file: the first name it was found under).
     pub name: OsString,
-    /// Real objects, top layer first. A non-directory has exactly one (the one that hides the
-    /// rest); a directory has one per layer down to the first opaque one.
+    /// Real objects, top layer first. A directory has one per layer down to the first opaque
+    /// one. A non-directory has the one that hides the rest, followed, once copied up, by its
+    /// copy-up origin in a lower layer (kernel: the lower stack of an upper non-dir).
     pub reals: Vec<Real>,
+    /// Set once the last name of the object was removed while the kernel still held it: a
+    /// handle on the (now nameless) upper object, so `fstat` of an open, unlinked file works.
+    pub detached: Option<Arc<OwnedFd>>,
 }
 
 /// A merged object the kernel holds a reference to.
@@ -58,9 +63,17 @@ pub struct Node {
     pub ino: Ino,
     /// The file type; fixed for the node's life.
     pub file_type: FileType,
+    /// FUSE generation: bumped when an inode number is reused by a new object after the old
+    /// one was removed, so the kernel can tell the two apart.
+    pub generation: u64,
+    /// The object is gone from the merged view (last name removed); a new object may take
+    /// over its inode number.
+    pub dead: std::sync::atomic::AtomicBool,
     /// The kernel's lookup count (FUSE `nlookup`); the node leaves the table at zero.
     lookups: AtomicU64,
     state: RwLock<NodeState>,
+    /// Serialises copy-up of this node (lock order: after the parent's, before any table lock).
+    pub copy_up_lock: Mutex<()>,
 }
 
 impl Node {
@@ -69,8 +82,11 @@ impl Node {
         Node {
             ino,
             file_type,
+            generation: 0,
+            dead: std::sync::atomic::AtomicBool::new(false),
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
+            copy_up_lock: Mutex::new(()),
         }
     }
 
@@ -97,6 +113,14 @@ impl Node {
             .first()
             .copied()
             .ok_or(Error::Internal("node without a real object"))
+    }
+
+    /// Whether the top real object is in the upper layer.
+    pub fn is_upper(&self) -> bool {
+        self.state()
+            .reals
+            .first()
+            .is_some_and(|r| r.layer.is_upper())
     }
 
     /// Whether the node is a merged directory (real directories in more than one layer):
@@ -136,17 +160,29 @@ impl InodeTable {
 
     /// Returns the node already known under `candidate.ino` if it is the same kind of object,
     /// else installs `candidate`; either way counts one kernel lookup.
-    pub fn get_or_insert(&self, candidate: Node) -> Arc<Node> {
+    pub fn get_or_insert(&self, mut candidate: Node) -> Arc<Node> {
         let mut map = self.map_mut();
         let node = match map.get(&candidate.ino) {
-            Some(existing) if existing.file_type == candidate.file_type => {
+            Some(existing)
+                if existing.file_type == candidate.file_type
+                    && !existing.dead.load(Ordering::Relaxed) =>
+            {
                 if existing.is_dir() {
                     // Same directory reached again: its layer set is what was just found.
                     existing.state_mut().reals = candidate.state().reals.clone();
                 }
                 existing.clone()
             }
-            _ => {
+            Some(old) => {
+                // The number now names a different object: a new generation, which inherits
+                // the kernel's outstanding references (forgets carry only the number).
+                candidate.generation = old.generation + 1;
+                candidate.lookups = AtomicU64::new(old.lookups.load(Ordering::Relaxed));
+                let node = Arc::new(candidate);
+                map.insert(node.ino, node.clone());
+                node
+            }
+            None => {
                 let node = Arc::new(candidate);
                 map.insert(node.ino, node.clone());
                 node

@@ -6,18 +6,25 @@
 //! directory listings ([`readdir`]), open files ([`file`]) and extended attributes
 //! ([`xattr`]).
 
+pub mod copy_up;
+pub mod dir;
 pub mod file;
 pub mod inode;
 pub mod layer;
 pub mod namei;
 pub mod params;
 pub mod readdir;
+pub mod rename;
+pub mod setattr;
+pub mod vfs;
 pub mod whiteout;
 pub mod xattr;
 
-use std::ffi::OsString;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -44,6 +51,58 @@ pub struct Overlay {
     dir_fds: Mutex<LruCache<(Ino, LayerIdx), Arc<OwnedFd>>>,
     files: file::FileTable,
     dirs: readdir::DirTable,
+    upper: Option<UpperCtx>,
+    /// Upper inode number -> overlay inode number of objects copied up during this mount, so
+    /// `st_ino` and `d_ino` stay those of the copy-up origin (kernel: `overlay.origin`).
+    origins: Mutex<HashMap<u64, Ino>>,
+}
+
+/// What writing to the upper layer needs: the workdir, the xattr namespace we may write, and
+/// how whiteouts are encoded.
+#[derive(Debug)]
+pub struct UpperCtx {
+    /// `workdir/work`, where objects are prepared before being renamed into place.
+    pub work: Arc<OwnedFd>,
+    /// `trusted.overlay.` when we may write trusted xattrs (root in the initial user
+    /// namespace), else `user.overlay.` (kernel `userxattr` semantics).
+    pub xattr_prefix: &'static str,
+    /// Write `.wh.NAME` files instead of 0/0 character devices (mknod refused, or
+    /// `FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT` set).
+    pub wh_files: AtomicBool,
+    tmp_seq: AtomicU64,
+}
+
+impl UpperCtx {
+    fn new(work: Arc<OwnedFd>) -> UpperCtx {
+        // Probe once, like the kernel's ovl_check_setxattr at mount.
+        let probe = OsStr::new("trusted.overlay.stratafs-probe");
+        let trusted = sys::fs::set_xattr(work.as_fd(), probe, b"y", 0).is_ok();
+        if trusted {
+            let _ = sys::fs::remove_xattr(work.as_fd(), probe);
+        }
+        UpperCtx {
+            work,
+            xattr_prefix: if trusted {
+                "trusted.overlay."
+            } else {
+                "user.overlay."
+            },
+            wh_files: AtomicBool::new(
+                std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_some(),
+            ),
+            tmp_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// A fresh name for a temporary in the workdir (`#N`, as the kernel names them).
+    pub fn tmp_name(&self) -> OsString {
+        format!("#{:x}", self.tmp_seq.fetch_add(1, Ordering::Relaxed)).into()
+    }
+
+    /// The name of the opaque-directory xattr we write.
+    pub fn opaque_xattr(&self) -> OsString {
+        format!("{}opaque", self.xattr_prefix).into()
+    }
 }
 
 /// A looked-up object: its node (with one kernel reference counted) and the attributes to
@@ -77,11 +136,19 @@ impl Overlay {
                 parent: None,
                 name: OsString::new(),
                 reals,
+                detached: None,
             },
         ));
         let inodes = InodeTable::default();
         inodes.set_root(root);
         let cap = NonZeroUsize::new(fd_budget.max(64)).unwrap_or(NonZeroUsize::MIN);
+        let upper = match (&layers.work, cfg.is_read_only()) {
+            (Some(work), false) => {
+                let work = work.try_clone().map_err(|e| Error::io("dup workdir", e))?;
+                Some(UpperCtx::new(Arc::new(work)))
+            }
+            _ => None,
+        };
         Ok(Overlay {
             cfg,
             layers,
@@ -90,6 +157,8 @@ impl Overlay {
             dir_fds: Mutex::new(LruCache::new(cap)),
             files: file::FileTable::default(),
             dirs: readdir::DirTable::default(),
+            upper,
+            origins: Mutex::new(HashMap::new()),
         })
     }
 
@@ -105,6 +174,11 @@ impl Overlay {
 
     /// Current attributes of `node`.
     pub fn getattr(&self, node: &Node) -> Result<Stat> {
+        let detached = node.state().detached.clone();
+        if let Some(fd) = detached {
+            let st = sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat", e))?;
+            return Ok(inode::overlay_stat(node, st, self.cfg.static_nlink));
+        }
         let top = node.top()?;
         let st = if node.is_dir() {
             let fd = self.real_dir_fd(node, top.layer)?;
@@ -141,12 +215,47 @@ impl Overlay {
     /// Fails with EROFS unless the mount can be written to. Every request that would change
     /// the merged view goes through here first.
     pub fn want_write(&self) -> Result<()> {
-        if self.cfg.is_read_only() {
-            return Err(Error::ReadOnly);
+        self.upper_ctx().map(|_| ())
+    }
+
+    /// The upper-layer context, or EROFS on a read-only mount.
+    pub fn upper_ctx(&self) -> Result<&UpperCtx> {
+        self.upper.as_ref().ok_or(Error::ReadOnly)
+    }
+
+    /// The overlay inode number of real inode `real_ino` found in `layer`: the copy-up
+    /// origin's number for objects copied up during this mount, else the xino mapping.
+    pub fn ino_for(&self, layer: LayerIdx, real_ino: u64) -> Ino {
+        if layer.is_upper() {
+            if let Some(ino) = self
+                .origins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&real_ino)
+            {
+                return *ino;
+            }
         }
-        // The write side (copy-up, whiteouts, ...) is not part of this build yet: refuse
-        // rather than write something kernel overlayfs would not.
-        Err(Error::ReadOnly)
+        let fsid = self.layers.get(layer).map_or(0, |l| l.fsid);
+        self.inomap.map(fsid, real_ino)
+    }
+
+    /// Remembers that upper inode `upper_ino` keeps showing as `ino`.
+    pub fn record_origin(&self, upper_ino: u64, ino: Ino) {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(upper_ino, ino);
+    }
+
+    /// Drops cached directory handles of `ino` (the directory was removed: its number may be
+    /// reused).
+    pub fn forget_dir_fds(&self, ino: Ino, reals: &[Real]) {
+        let mut cache = self.dir_fds.lock().unwrap_or_else(|e| e.into_inner());
+        for r in reals {
+            cache.pop(&(ino, r.layer));
+        }
+        cache.pop(&(ino, LayerIdx::UPPER));
     }
 
     /// `O_PATH` handle on the real directory of `node` in `layer`, from the cache or opened

@@ -139,8 +139,7 @@ impl Overlay {
     /// number) and its attributes.
     fn install(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Entry {
         let top = found.reals[0];
-        let fsid = self.layers.get(top.layer).map_or(0, |l| l.fsid);
-        let ino = self.inomap.map(fsid, found.top_stat.st_ino);
+        let ino = self.ino_for(top.layer, found.top_stat.st_ino);
         let candidate = Node::new(
             ino,
             FileType::from_raw_mode(found.top_stat.st_mode),
@@ -148,6 +147,7 @@ impl Overlay {
                 parent: Some(parent.clone()),
                 name: name.to_owned(),
                 reals: found.reals,
+                detached: None,
             },
         );
         let node = self.inodes.get_or_insert(candidate);

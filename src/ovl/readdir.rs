@@ -115,7 +115,6 @@ impl Overlay {
         let mut whited: HashSet<OsString> = HashSet::new();
         for real in reals {
             let fd = self.real_dir_fd(dir, real.layer)?;
-            let fsid = self.layers.get(real.layer).map_or(0, |l| l.fsid);
             let raw = sys::fs::read_dir(fd.as_fd()).map_err(|e| Error::io("readdir", e))?;
             // Whiteouts of this layer hide names in the layers below only (OCI layer.md).
             let mut layer_whiteouts = Vec::new();
@@ -153,7 +152,7 @@ impl Overlay {
                 }
                 seen.insert(e.name.clone());
                 out.push(DirEntry {
-                    ino: self.inomap.map(fsid, e.ino),
+                    ino: self.ino_for(real.layer, e.ino),
                     name: e.name,
                     file_type,
                 });

@@ -4,10 +4,11 @@
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ovl::inode::Node;
-use crate::ovl::{Overlay, whiteout};
+use crate::ovl::{Overlay, vfs, whiteout};
 use crate::sys;
 
 impl Overlay {
@@ -23,6 +24,41 @@ impl Overlay {
         sys::fs::get_xattr(fd.as_fd(), name)
             .map_err(|e| Error::io("getxattr", e))?
             .ok_or(Error::NoXattr)
+    }
+
+    /// Sets attribute `name` of `node` (copying it up first); the overlay's private names
+    /// are refused.
+    pub fn setxattr(&self, node: &Arc<Node>, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if self.cfg.noxattrs {
+            return Err(Error::NotSupported);
+        }
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(Error::io(
+                "setxattr",
+                std::io::Error::from_raw_os_error(libc::EPERM),
+            ));
+        }
+        self.copy_up(node)?;
+        let fd = self.real_path_fd(node)?;
+        vfs::do_setxattr(fd.as_fd(), name, value, flags as u32)
+    }
+
+    /// Removes attribute `name` of `node` (copying it up first).
+    pub fn removexattr(&self, node: &Arc<Node>, name: &OsStr) -> Result<()> {
+        if self.cfg.noxattrs {
+            return Err(Error::NotSupported);
+        }
+        if whiteout::is_private_xattr(name.as_bytes()) {
+            return Err(Error::io(
+                "removexattr",
+                std::io::Error::from_raw_os_error(libc::EPERM),
+            ));
+        }
+        // Nothing to copy up for an attribute that does not exist.
+        self.getxattr(node, name)?;
+        self.copy_up(node)?;
+        let fd = self.real_path_fd(node)?;
+        vfs::do_removexattr(fd.as_fd(), name)
     }
 
     /// Names of the attributes of `node`, NUL-terminated and concatenated as `listxattr(2)`

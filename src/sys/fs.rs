@@ -217,3 +217,275 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Creates a regular file `name` in `dir` (`O_CREAT | O_EXCL`, never following symlinks) and
+/// returns it open with `flags`.
+pub fn create_file(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: OFlags,
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    check_single_component(name)?;
+    let flags = flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat2(dir, name, flags, Mode::from_raw_mode(mode), RESOLVE)
+        .map_err(io::Error::from)
+}
+
+/// `mknodat` of one name (fifo, socket, devices, and the 0/0 whiteout).
+pub fn make_node(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
+    check_single_component(name)?;
+    let file_type = rustix::fs::FileType::from_raw_mode(mode);
+    rustix::fs::mknodat(
+        dir,
+        name,
+        file_type,
+        Mode::from_raw_mode(mode & 0o7777),
+        rdev,
+    )
+    .map_err(io::Error::from)
+}
+
+/// `symlinkat(target, dir, name)`.
+pub fn make_symlink(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    check_single_component(name)?;
+    rustix::fs::symlinkat(target, dir, name).map_err(io::Error::from)
+}
+
+/// `linkat(olddir, oldname, newdir, newname, 0)`: never follows a symlink.
+pub fn link(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+) -> io::Result<()> {
+    check_single_component(oldname)?;
+    check_single_component(newname)?;
+    rustix::fs::linkat(olddir, oldname, newdir, newname, AtFlags::empty()).map_err(io::Error::from)
+}
+
+/// `unlinkat`; `dir_flag` removes a directory.
+pub fn unlink(dir: BorrowedFd<'_>, name: &OsStr, remove_dir: bool) -> io::Result<()> {
+    check_single_component(name)?;
+    let flags = if remove_dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    rustix::fs::unlinkat(dir, name, flags).map_err(io::Error::from)
+}
+
+/// `renameat2` with `RENAME_*` flags (raw bits).
+pub fn rename(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+    flags: u32,
+) -> io::Result<()> {
+    check_single_component(oldname)?;
+    check_single_component(newname)?;
+    let flags = rustix::fs::RenameFlags::from_bits_retain(flags);
+    rustix::fs::renameat_with(olddir, oldname, newdir, newname, flags).map_err(io::Error::from)
+}
+
+/// Sets an extended attribute on the object behind `fd` (`O_PATH` allowed, see
+/// [`get_xattr`]). `flags` are `XATTR_CREATE`/`XATTR_REPLACE` bits.
+pub fn set_xattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: u32) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    let flags = rustix::fs::XattrFlags::from_bits_retain(flags);
+    rustix::fs::setxattr(path.as_c_str(), name, value, flags).map_err(io::Error::from)
+}
+
+/// Removes an extended attribute from the object behind `fd`.
+pub fn remove_xattr(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    rustix::fs::removexattr(path.as_c_str(), name).map_err(io::Error::from)
+}
+
+/// `fchownat(dir, name, uid, gid, AT_SYMLINK_NOFOLLOW)`; `None` leaves an id unchanged.
+pub fn chown_name(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<()> {
+    check_single_component(name)?;
+    rustix::fs::chownat(
+        dir,
+        name,
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io::Error::from)
+}
+
+/// `fchmodat(dir, name, mode)` (never on symlinks: Linux cannot chmod them).
+pub fn chmod_name(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
+    check_single_component(name)?;
+    rustix::fs::chmodat(
+        dir,
+        name,
+        Mode::from_raw_mode(mode & 0o7777),
+        AtFlags::empty(),
+    )
+    .map_err(io::Error::from)
+}
+
+/// A timestamp for [`set_times`]: a value, "now", or "leave alone".
+#[derive(Debug, Clone, Copy)]
+pub enum TimeSpec {
+    /// Seconds and nanoseconds since the epoch.
+    At(i64, u32),
+    /// `UTIME_NOW`.
+    Now,
+    /// `UTIME_OMIT`.
+    Omit,
+}
+
+fn timespec(t: TimeSpec) -> rustix::fs::Timespec {
+    match t {
+        TimeSpec::At(s, ns) => rustix::fs::Timespec {
+            tv_sec: s,
+            tv_nsec: ns as _,
+        },
+        TimeSpec::Now => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW as _,
+        },
+        TimeSpec::Omit => rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT as _,
+        },
+    }
+}
+
+/// `utimensat(dir, name, [atime, mtime], AT_SYMLINK_NOFOLLOW)`.
+pub fn set_times(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: TimeSpec,
+    mtime: TimeSpec,
+) -> io::Result<()> {
+    check_single_component(name)?;
+    let times = rustix::fs::Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)
+}
+
+/// Same as [`set_times`] for the directory held by `fd` itself.
+pub fn set_times_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
+    let times = rustix::fs::Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    rustix::fs::utimensat(fd, "", &times, AtFlags::EMPTY_PATH).map_err(io::Error::from)
+}
+
+/// Copies the whole content of `src` into the empty file `dst`, fastest way first: a reflink
+/// (`FICLONE`), else `copy_file_range` over the data extents only (holes stay holes), else
+/// read/write with a large buffer. `dst` ends up exactly `size` bytes long.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    if rustix::fs::ioctl_ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut pos = 0u64;
+    while pos < size {
+        // Find the next data extent; filesystems without SEEK_DATA report everything as data.
+        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole remains
+            Err(_) => pos,
+        };
+        let hole = rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)).unwrap_or(size);
+        let end = hole.min(size);
+        copy_range(src, dst, data, end)?;
+        pos = end;
+    }
+    rustix::fs::ftruncate(dst, size)?;
+    Ok(())
+}
+
+/// Copies bytes `[start, end)` of `src` to the same offsets of `dst`.
+fn copy_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, start: u64, end: u64) -> io::Result<()> {
+    let mut off = start;
+    let mut use_cfr = true;
+    let mut buf = Vec::new();
+    while off < end {
+        let want = (end - off).min(1 << 30) as usize;
+        if use_cfr {
+            let mut in_off = off;
+            let mut out_off = off;
+            match rustix::fs::copy_file_range(src, Some(&mut in_off), dst, Some(&mut out_off), want)
+            {
+                Ok(0) => break,
+                Ok(n) => {
+                    off += n as u64;
+                    continue;
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => use_cfr = false,
+            }
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; 1 << 20];
+        }
+        let chunk = want.min(buf.len());
+        let n = pread_full(src, &mut buf[..chunk], off)?;
+        if n == 0 {
+            break;
+        }
+        pwrite_all(dst, &buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Positional write of all of `data`.
+pub fn pwrite_all(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> io::Result<usize> {
+    let total = data.len();
+    while !data.is_empty() {
+        match rustix::io::pwrite(fd, data, offset) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(total)
+}
+
+/// Opens the object behind an `O_PATH` handle again with real access `flags`, through its
+/// `/proc/self/fd` magic link (which resolves to the object itself, never to a path).
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> io::Result<OwnedFd> {
+    let path = proc_fd_path(fd);
+    rustix::fs::open(path.as_c_str(), flags | OFlags::CLOEXEC, Mode::empty())
+        .map_err(io::Error::from)
+}
+
+/// `fchownat(fd, "", AT_EMPTY_PATH)`: change the owner of the object behind an `O_PATH` fd.
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+    rustix::fs::chownat(
+        fd,
+        "",
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        AtFlags::EMPTY_PATH,
+    )
+    .map_err(io::Error::from)
+}
+
+/// chmod of the object behind an `O_PATH` fd (through its magic link).
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    let path = proc_fd_path(fd);
+    rustix::fs::chmod(path.as_c_str(), Mode::from_raw_mode(mode & 0o7777)).map_err(io::Error::from)
+}

@@ -1,0 +1,205 @@
+//! Copy-up through the workdir (kernel `fs/overlayfs/copy_up.c`).
+//!
+//! A lower object is rebuilt as a temporary in `workdir/work`: data first (reflink, then
+//! `copy_file_range` over data extents, then a buffer copy; holes stay holes), then xattrs,
+//! owner, mode and times, and only then renamed into the upper layer. A killed daemon leaves
+//! either no upper copy or a complete one; a [`TempGuard`] removes the temporary on error and
+//! the next mount empties the workdir. Parents are copied up first, with their own metadata.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use rustix::fs::{FileType, OFlags, Stat};
+use tracing::debug;
+
+use crate::error::{Error, Result};
+use crate::ovl::inode::{Node, Real};
+use crate::ovl::layer::LayerIdx;
+use crate::ovl::{Overlay, vfs, whiteout};
+use crate::sys;
+use crate::sys::fs::TimeSpec;
+
+/// `RENAME_NOREPLACE`.
+pub const RENAME_NOREPLACE: u32 = 1;
+/// `RENAME_EXCHANGE`.
+pub const RENAME_EXCHANGE: u32 = 2;
+/// `RENAME_WHITEOUT`.
+pub const RENAME_WHITEOUT: u32 = 4;
+
+/// Removes a temporary workdir entry unless disarmed (the object was renamed into place).
+pub struct TempGuard<'a> {
+    dir: BorrowedFd<'a>,
+    name: OsString,
+    armed: bool,
+}
+
+impl<'a> TempGuard<'a> {
+    /// Guards `name` in `dir`.
+    pub fn new(dir: BorrowedFd<'a>, name: OsString) -> Self {
+        TempGuard {
+            dir,
+            name,
+            armed: true,
+        }
+    }
+
+    /// The guarded name.
+    pub fn name(&self) -> &OsStr {
+        &self.name
+    }
+
+    /// The object has been moved away: nothing to clean up.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = vfs::do_remove_tree(self.dir, &self.name);
+        }
+    }
+}
+
+impl Overlay {
+    /// Makes sure `node` (and so each of its ancestors) has an upper copy
+    /// (kernel `ovl_copy_up`).
+    pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
+        if node.is_upper() {
+            return Ok(());
+        }
+        self.want_write()?;
+        let mut chain = vec![node.clone()];
+        let mut cur = node.state().parent.clone();
+        while let Some(p) = cur {
+            if p.is_upper() {
+                break;
+            }
+            cur = p.state().parent.clone();
+            chain.push(p);
+        }
+        for n in chain.iter().rev() {
+            self.copy_up_one(n)?;
+        }
+        Ok(())
+    }
+
+    /// Copies one object whose parent already has an upper copy.
+    fn copy_up_one(&self, node: &Arc<Node>) -> Result<()> {
+        let _serial = node.copy_up_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if node.is_upper() {
+            return Ok(());
+        }
+        let upper = self.upper_ctx()?;
+        let top = node.top()?;
+        let (parent, name) = node.parent_and_name();
+        let parent = parent.ok_or(Error::Internal("copy-up of the root"))?;
+        let lower_dir = self.real_dir_fd(&parent, top.layer)?;
+        let upper_dir = self.real_dir_fd(&parent, LayerIdx::UPPER)?;
+        let st = sys::fs::stat_name(lower_dir.as_fd(), &name)
+            .map_err(|e| Error::io("copy-up stat", e))?;
+        let work = upper.work.as_fd();
+        let mut tmp = TempGuard::new(work, upper.tmp_name());
+        let file_type = FileType::from_raw_mode(st.st_mode);
+        debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size);
+        match file_type {
+            FileType::RegularFile => {
+                let src = sys::fs::open_beneath(
+                    lower_dir.as_fd(),
+                    &name,
+                    OFlags::RDONLY | OFlags::NOATIME,
+                )
+                .or_else(|_| sys::fs::open_beneath(lower_dir.as_fd(), &name, OFlags::RDONLY))
+                .map_err(|e| Error::io("copy-up open lower", e))?;
+                let dst = vfs::do_create(work, tmp.name(), OFlags::WRONLY, 0o600)?;
+                sys::fs::copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)
+                    .map_err(|e| Error::io("copy-up data", e))?;
+                if self.cfg.fsync {
+                    rustix::fs::fsync(&dst).map_err(|e| Error::io("copy-up fsync", e.into()))?;
+                }
+            }
+            FileType::Directory => vfs::do_mkdir(work, tmp.name(), 0o700)?,
+            FileType::Symlink => {
+                let target = sys::fs::read_link(lower_dir.as_fd(), &name)
+                    .map_err(|e| Error::io("copy-up readlink", e))?;
+                vfs::do_symlink(OsStr::from_bytes(&target), work, tmp.name())?;
+            }
+            _ => vfs::do_mknod(work, tmp.name(), st.st_mode, st.st_rdev)?,
+        }
+        let src_obj = sys::fs::open_path(lower_dir.as_fd(), &name)
+            .map_err(|e| Error::io("copy-up open", e))?;
+        let dst_obj =
+            sys::fs::open_path(work, tmp.name()).map_err(|e| Error::io("copy-up open", e))?;
+        copy_xattrs(src_obj.as_fd(), dst_obj.as_fd())?;
+        copy_attrs(work, tmp.name(), &st)?;
+        let upper_st =
+            sys::fs::stat_fd(dst_obj.as_fd()).map_err(|e| Error::io("copy-up stat", e))?;
+        vfs::do_rename(work, tmp.name(), upper_dir.as_fd(), &name, RENAME_NOREPLACE)?;
+        tmp.disarm();
+        {
+            let mut state = node.state_mut();
+            state.reals.insert(
+                0,
+                Real {
+                    layer: LayerIdx::UPPER,
+                    xwhiteouts: false,
+                },
+            );
+            if !node.is_dir() {
+                state.reals.truncate(2);
+            }
+        }
+        if node.is_dir() {
+            self.cache_dir_fd(node.ino, LayerIdx::UPPER, Arc::new(dst_obj));
+        }
+        self.record_origin(upper_st.st_ino, node.ino);
+        Ok(())
+    }
+}
+
+/// Owner, then mode (chown clears set-id bits), then times, as the lower object had them.
+pub fn copy_attrs(dir: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Result<()> {
+    vfs::do_chown(dir, name, Some(st.st_uid), Some(st.st_gid))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+        vfs::do_chmod(dir, name, st.st_mode)?;
+    }
+    vfs::do_utimes(
+        dir,
+        name,
+        TimeSpec::At(st.st_atime, st.st_atime_nsec as u32),
+        TimeSpec::At(st.st_mtime, st.st_mtime_nsec as u32),
+    )
+}
+
+/// Copies every extended attribute but the overlay's private ones. Attributes the upper
+/// filesystem or our privileges cannot hold (`trusted.*` in a user namespace, `security.*`
+/// labels) are skipped, as the kernel's `ovl_copy_xattr` does.
+pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+    let names = match sys::fs::list_xattr(src) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(Error::io("copy-up listxattr", e)),
+    };
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        if whiteout::is_private_xattr(name) {
+            continue;
+        }
+        let name = OsStr::from_bytes(name);
+        let Some(value) =
+            sys::fs::get_xattr(src, name).map_err(|e| Error::io("copy-up getxattr", e))?
+        else {
+            continue;
+        };
+        match sys::fs::set_xattr(dst, name, &value, 0) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) => {
+                debug!(target: "stratafs::upper", ?name, error = %e, "xattr not copied up");
+            }
+            Err(e) => return Err(Error::io("copy-up setxattr", e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! Namespace operations: create, mkdir, mknod, symlink, link, unlink, rmdir
+//! (kernel `fs/overlayfs/dir.c`).
+//!
+//! New objects go straight into the upper layer, except over a whiteout: then they are built
+//! in the workdir (a directory made opaque first) and swapped in with `RENAME_EXCHANGE`, so the
+//! name is never missing nor doubled. Removing a name that exists in a lower layer leaves a
+//! whiteout, swapped in the same way.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rustix::fs::{FileType, OFlags};
+
+use crate::error::{Error, Result};
+use crate::ovl::copy_up::{RENAME_EXCHANGE, RENAME_NOREPLACE, TempGuard};
+use crate::ovl::inode::{Node, NodeState, Real};
+use crate::ovl::layer::LayerIdx;
+use crate::ovl::namei::{Found, check_name};
+use crate::ovl::{Entry, Overlay, vfs, whiteout};
+use crate::sys;
+
+/// The credentials a request runs with: owner of what it creates.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// fsuid.
+    pub uid: u32,
+    /// fsgid.
+    pub gid: u32,
+}
+
+/// What is at a name in the upper layer, before something is created there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpperSlot {
+    /// Nothing.
+    Empty,
+    /// A whiteout object (0/0 device or xattr whiteout) sits at the name.
+    Whiteout,
+    /// A `.wh.NAME` file hides the name.
+    WhFile,
+}
+
+/// What kind of object to create.
+pub enum NewObject<'a> {
+    /// A regular file, returned open with these flags.
+    File(OFlags),
+    /// A directory.
+    Dir,
+    /// A fifo, socket or device (`mode` carries the type).
+    Node(u64),
+    /// A symlink to this target.
+    Symlink(&'a OsStr),
+}
+
+impl Overlay {
+    /// Creates `name` in `parent` with `mode` (type bits included) owned by `caller`; returns
+    /// its entry and, for regular files, an open descriptor.
+    pub fn create_object(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        mode: u32,
+        what: NewObject<'_>,
+        caller: Caller,
+    ) -> Result<(Entry, Option<OwnedFd>)> {
+        check_name(name)?;
+        if whiteout::is_reserved_name(name) {
+            return Err(Error::InvalidName);
+        }
+        self.want_write()?;
+        if !parent.is_dir() {
+            return Err(Error::NotDir);
+        }
+        self.copy_up(parent)?;
+        if self.lookup_real(parent, name)?.is_some() {
+            return Err(Error::io(
+                "create",
+                std::io::Error::from_raw_os_error(libc::EEXIST),
+            ));
+        }
+        let upper = self.upper_ctx()?;
+        let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+        let slot = upper_slot(udir.as_fd(), name)?;
+        let parent_st = sys::fs::stat_fd(udir.as_fd()).map_err(|e| Error::io("stat parent", e))?;
+        // New objects belong to the caller; in a set-group-id directory they take its group,
+        // and directories inherit the bit (inode_init_owner).
+        let sgid_parent = parent_st.st_mode & libc::S_ISGID != 0;
+        let gid = if sgid_parent {
+            parent_st.st_gid
+        } else {
+            caller.gid
+        };
+        let is_dir = matches!(what, NewObject::Dir);
+        let mut perm = mode & 0o7777;
+        if is_dir && sgid_parent {
+            perm |= libc::S_ISGID;
+        }
+        let (dir, obj_name, mut guard) = match slot {
+            UpperSlot::Empty => (udir.as_fd(), name.to_owned(), None),
+            _ => {
+                let t = upper.tmp_name();
+                (
+                    upper.work.as_fd(),
+                    t.clone(),
+                    Some(TempGuard::new(upper.work.as_fd(), t)),
+                )
+            }
+        };
+        let fd = make(dir, &obj_name, &what, mode, perm)?;
+        vfs::do_chown(dir, &obj_name, Some(caller.uid), Some(gid))?;
+        if !matches!(what, NewObject::Symlink(_)) {
+            // chown may have cleared set-id bits; and the daemon's umask is 0, so this is the
+            // mode the caller asked for.
+            vfs::do_chmod(dir, &obj_name, perm)?;
+        }
+        if let Some(g) = guard.as_mut() {
+            if is_dir {
+                self.set_opaque(dir, &obj_name)?;
+            }
+            match slot {
+                UpperSlot::Whiteout => {
+                    vfs::do_rename(dir, &obj_name, udir.as_fd(), name, RENAME_EXCHANGE)?;
+                    // The guard now removes the whiteout that was swapped out.
+                }
+                _ => {
+                    vfs::do_rename(dir, &obj_name, udir.as_fd(), name, RENAME_NOREPLACE)?;
+                    g.disarm();
+                    vfs::do_unlink(udir.as_fd(), &whiteout::wh_name(name))?;
+                }
+            }
+        }
+        drop(guard);
+        let entry = self.lookup(parent, name)?;
+        Ok((entry, fd))
+    }
+
+    /// Marks the directory `name` in `dir` opaque, in the encoding(s) this mount writes.
+    fn set_opaque(&self, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        let upper = self.upper_ctx()?;
+        let fd = sys::fs::open_dir_path(dir, name).map_err(|e| Error::io("open new dir", e))?;
+        vfs::do_setxattr(fd.as_fd(), &upper.opaque_xattr(), b"y", 0)?;
+        if upper.wh_files.load(Ordering::Relaxed) {
+            let marker = vfs::do_create(
+                fd.as_fd(),
+                OsStr::from_bytes(whiteout::OPAQUE_MARKER),
+                OFlags::WRONLY,
+                0o600,
+            )?;
+            drop(marker);
+        }
+        Ok(())
+    }
+
+    /// Adds the name `newname` in `newparent` for the existing non-directory `node`: copy-up,
+    /// then a link in the upper layer (kernel `ovl_link`).
+    pub fn link(&self, node: &Arc<Node>, newparent: &Arc<Node>, newname: &OsStr) -> Result<Entry> {
+        check_name(newname)?;
+        if whiteout::is_reserved_name(newname) {
+            return Err(Error::InvalidName);
+        }
+        if node.is_dir() {
+            return Err(Error::io(
+                "link",
+                std::io::Error::from_raw_os_error(libc::EPERM),
+            ));
+        }
+        self.want_write()?;
+        self.copy_up(node)?;
+        self.copy_up(newparent)?;
+        if self.lookup_real(newparent, newname)?.is_some() {
+            return Err(Error::io(
+                "link",
+                std::io::Error::from_raw_os_error(libc::EEXIST),
+            ));
+        }
+        let upper = self.upper_ctx()?;
+        let (src_dir, src_name) = self.real_parent(node, LayerIdx::UPPER)?;
+        let udir = self.real_dir_fd(newparent, LayerIdx::UPPER)?;
+        match upper_slot(udir.as_fd(), newname)? {
+            UpperSlot::Empty => vfs::do_link(src_dir.as_fd(), &src_name, udir.as_fd(), newname)?,
+            slot => {
+                let tmp = upper.tmp_name();
+                let work = upper.work.as_fd();
+                vfs::do_link(src_dir.as_fd(), &src_name, work, &tmp)?;
+                let mut guard = TempGuard::new(work, tmp.clone());
+                if slot == UpperSlot::Whiteout {
+                    vfs::do_rename(work, &tmp, udir.as_fd(), newname, RENAME_EXCHANGE)?;
+                } else {
+                    vfs::do_rename(work, &tmp, udir.as_fd(), newname, RENAME_NOREPLACE)?;
+                    guard.disarm();
+                    vfs::do_unlink(udir.as_fd(), &whiteout::wh_name(newname))?;
+                }
+            }
+        }
+        self.lookup(newparent, newname)
+    }
+
+    /// Removes the non-directory `name` from `parent` (kernel `ovl_unlink`).
+    pub fn unlink(&self, parent: &Arc<Node>, name: &OsStr) -> Result<()> {
+        check_name(name)?;
+        self.want_write()?;
+        let found = self.lookup_real(parent, name)?.ok_or(Error::NotFound)?;
+        if FileType::from_raw_mode(found.top_stat.st_mode) == FileType::Directory {
+            return Err(Error::io(
+                "unlink",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            ));
+        }
+        self.copy_up(parent)?;
+        self.remove_entry(parent, name, &found, false)
+    }
+
+    /// Removes the empty directory `name` from `parent` (kernel `ovl_rmdir`).
+    pub fn rmdir(&self, parent: &Arc<Node>, name: &OsStr) -> Result<()> {
+        check_name(name)?;
+        self.want_write()?;
+        let found = self.lookup_real(parent, name)?.ok_or(Error::NotFound)?;
+        if FileType::from_raw_mode(found.top_stat.st_mode) != FileType::Directory {
+            return Err(Error::NotDir);
+        }
+        let probe = Node::new(
+            self.ino_for(found.reals[0].layer, found.top_stat.st_ino),
+            FileType::Directory,
+            NodeState {
+                parent: Some(parent.clone()),
+                name: name.to_owned(),
+                reals: found.reals.clone(),
+                detached: None,
+            },
+        );
+        if self.read_merged(&probe)?.len() > 2 {
+            return Err(Error::io(
+                "rmdir",
+                std::io::Error::from_raw_os_error(libc::ENOTEMPTY),
+            ));
+        }
+        self.copy_up(parent)?;
+        self.remove_entry(parent, name, &found, true)?;
+        self.forget_dir_fds(probe.ino, &found.reals);
+        Ok(())
+    }
+
+    /// Takes `name` out of the merged view: a whiteout when a lower layer has the name, else a
+    /// plain removal from the upper layer. A directory leaves through the workdir, together
+    /// with whatever whiteouts it held.
+    pub(crate) fn remove_entry(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        found: &Found,
+        is_dir: bool,
+    ) -> Result<()> {
+        let upper = self.upper_ctx()?;
+        let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+        let in_upper = found.reals[0].layer.is_upper();
+        let ino = self.ino_for(found.reals[0].layer, found.top_stat.st_ino);
+        let node = self.inodes.get(ino).ok();
+        if let (Some(node), true) = (&node, in_upper && !is_dir) {
+            // Keep the object reachable for fstat through open handles once nameless.
+            if let Ok(fd) = sys::fs::open_path(udir.as_fd(), name) {
+                node.state_mut().detached = Some(Arc::new(fd));
+            }
+        }
+        let need_whiteout = self.lower_positive(parent, name)?;
+        if need_whiteout {
+            self.whiteout_over(udir.as_fd(), name, in_upper)?;
+        } else if in_upper {
+            if is_dir {
+                let tmp = upper.tmp_name();
+                vfs::do_rename(
+                    udir.as_fd(),
+                    name,
+                    upper.work.as_fd(),
+                    &tmp,
+                    RENAME_NOREPLACE,
+                )?;
+                vfs::do_remove_tree(upper.work.as_fd(), &tmp)?;
+            } else {
+                vfs::do_unlink(udir.as_fd(), name)?;
+            }
+        }
+        if let Some(node) = node {
+            let gone = if is_dir {
+                true
+            } else {
+                match node.state().detached.as_ref() {
+                    Some(fd) => sys::fs::stat_fd(fd.as_fd())
+                        .map(|s| s.st_nlink == 0)
+                        .unwrap_or(true),
+                    None => found.top_stat.st_nlink <= 1,
+                }
+            };
+            if gone {
+                node.dead.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a whiteout at `name` in the upper directory `udir`, atomically replacing what the
+    /// upper layer has there (`in_upper`), prepared in the workdir (kernel
+    /// `ovl_cleanup_and_whiteout`).
+    pub(crate) fn whiteout_over(
+        &self,
+        udir: BorrowedFd<'_>,
+        name: &OsStr,
+        in_upper: bool,
+    ) -> Result<()> {
+        let upper = self.upper_ctx()?;
+        let work = upper.work.as_fd();
+        if !upper.wh_files.load(Ordering::Relaxed) {
+            let tmp = upper.tmp_name();
+            match vfs::do_mknod(work, &tmp, libc::S_IFCHR, 0) {
+                Ok(()) => {
+                    let mut guard = TempGuard::new(work, tmp.clone());
+                    if in_upper {
+                        // After the exchange the guard removes what used to be at `name`.
+                        vfs::do_rename(work, &tmp, udir, name, RENAME_EXCHANGE)?;
+                    } else {
+                        vfs::do_rename(work, &tmp, udir, name, RENAME_NOREPLACE)?;
+                        guard.disarm();
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.errno() == libc::EPERM => {
+                    // Unprivileged and no whiteout mknod: fall back to .wh. files for good.
+                    upper.wh_files.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let tmp = upper.tmp_name();
+        drop(vfs::do_create(work, &tmp, OFlags::WRONLY, 0o600)?);
+        let mut guard = TempGuard::new(work, tmp.clone());
+        match vfs::do_rename(work, &tmp, udir, &whiteout::wh_name(name), RENAME_NOREPLACE) {
+            Ok(()) => guard.disarm(),
+            Err(e) if e.errno() == libc::EEXIST => {}
+            Err(e) => return Err(e),
+        }
+        if in_upper {
+            let gone = upper.tmp_name();
+            vfs::do_rename(udir, name, work, &gone, RENAME_NOREPLACE)?;
+            vfs::do_remove_tree(work, &gone)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a layer below the upper one shows `name` under `parent` (kernel
+    /// `ovl_lower_positive`): then removing it needs a whiteout.
+    pub(crate) fn lower_positive(&self, parent: &Node, name: &OsStr) -> Result<bool> {
+        let reals: Vec<Real> = parent
+            .state()
+            .reals
+            .iter()
+            .copied()
+            .filter(|r| !r.layer.is_upper())
+            .collect();
+        for r in reals {
+            let dir = self.real_dir_fd(parent, r.layer)?;
+            match sys::fs::stat_name(dir.as_fd(), name) {
+                Ok(st) => {
+                    let xwh = r.xwhiteouts
+                        && whiteout::may_be_xattr_whiteout(&st)
+                        && whiteout::is_xattr_whiteout(dir.as_fd(), name).unwrap_or(false);
+                    return Ok(!(whiteout::is_chardev_whiteout(&st) || xwh));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if whiteout::has_wh_file(dir.as_fd(), name)
+                        .map_err(|e| Error::io("lookup .wh.", e))?
+                    {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(Error::io("lookup lower", e)),
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// What the upper directory holds at `name` (before a create).
+fn upper_slot(udir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperSlot> {
+    match sys::fs::stat_name(udir, name) {
+        Ok(_) => Ok(UpperSlot::Whiteout),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            if whiteout::has_wh_file(udir, name).map_err(|e| Error::io("lookup .wh.", e))? {
+                Ok(UpperSlot::WhFile)
+            } else {
+                Ok(UpperSlot::Empty)
+            }
+        }
+        Err(e) => Err(Error::io("lookup upper", e)),
+    }
+}
+
+/// Creates the object itself (no owner or final mode yet).
+fn make(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    what: &NewObject<'_>,
+    mode: u32,
+    perm: u32,
+) -> Result<Option<OwnedFd>> {
+    match what {
+        NewObject::File(flags) => {
+            let flags = *flags
+                & !(OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::TRUNC
+                    | OFlags::APPEND
+                    | OFlags::NOCTTY);
+            vfs::do_create(dir, name, flags, perm).map(Some)
+        }
+        NewObject::Dir => vfs::do_mkdir(dir, name, perm).map(|_| None),
+        NewObject::Node(rdev) => {
+            if FileType::from_raw_mode(mode) == FileType::RegularFile {
+                return vfs::do_create(dir, name, OFlags::WRONLY, perm).map(|_| None);
+            }
+            vfs::do_mknod(dir, name, (mode & libc::S_IFMT) | perm, *rdev).map(|_| None)
+        }
+        NewObject::Symlink(target) => vfs::do_symlink(target, dir, name).map(|_| None),
+    }
+}

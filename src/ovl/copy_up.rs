@@ -141,13 +141,7 @@ impl Overlay {
         tmp.disarm();
         {
             let mut state = node.state_mut();
-            state.reals.insert(
-                0,
-                Real {
-                    layer: LayerIdx::UPPER,
-                    xwhiteouts: false,
-                },
-            );
+            state.reals.insert(0, Real::at(LayerIdx::UPPER));
             if !node.is_dir() {
                 state.reals.truncate(2);
             }

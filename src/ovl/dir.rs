@@ -132,6 +132,11 @@ impl Overlay {
             }
         }
         drop(guard);
+        if is_dir && slot == UpperSlot::Empty && parent.is_merged_dir() {
+            // As the kernel does: a new directory in a merged one is opaque, so lookups in it
+            // never search the lower layers (an optimisation; failure is harmless).
+            let _ = self.set_opaque(udir.as_fd(), name);
+        }
         let entry = self.lookup(parent, name)?;
         Ok((entry, fd))
     }
@@ -354,7 +359,7 @@ impl Overlay {
             .state()
             .reals
             .iter()
-            .copied()
+            .cloned()
             .filter(|r| !r.layer.is_upper())
             .collect();
         for r in reals {

@@ -30,13 +30,39 @@ impl Ino {
 }
 
 /// Where a merged object has a real counterpart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Real {
     /// The layer holding it.
     pub layer: LayerIdx,
     /// For directories: this layer's copy is marked `overlay.opaque=x`, i.e. it may hold
     /// xattr whiteouts that must be checked for (kernel `ovl_dentry_has_xwhiteouts`).
     pub xwhiteouts: bool,
+    /// Where in the layer the object is.
+    pub loc: Loc,
+}
+
+impl Real {
+    /// A real object at the node's own name under its parent's real directory.
+    pub fn at(layer: LayerIdx) -> Real {
+        Real {
+            layer,
+            xwhiteouts: false,
+            loc: Loc::Same,
+        }
+    }
+}
+
+/// Where a real object sits in its layer. Directory redirects (kernel `redirect_dir`) make a
+/// merged directory's lower copies live somewhere other than its own path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Loc {
+    /// Under the parent's real directory in the layer, with the node's own name.
+    #[default]
+    Same,
+    /// Under the parent's real directory in the layer, with this name (relative redirect).
+    Renamed(OsString),
+    /// At this path from the layer's root (absolute redirect, or a directory moved since).
+    Abs(std::path::PathBuf),
 }
 
 /// What can change about a node over its life (by copy-up and rename, on the write side).
@@ -111,8 +137,18 @@ impl Node {
         self.state()
             .reals
             .first()
-            .copied()
+            .cloned()
             .ok_or(Error::Internal("node without a real object"))
+    }
+
+    /// Where the node's real object in `layer` is (its own name when not recorded).
+    pub fn loc_in(&self, layer: LayerIdx) -> Loc {
+        self.state()
+            .reals
+            .iter()
+            .find(|r| r.layer == layer)
+            .map(|r| r.loc.clone())
+            .unwrap_or_default()
     }
 
     /// Whether the top real object is in the upper layer.

@@ -127,6 +127,7 @@ impl Overlay {
             reals.push(Real {
                 layer: layer.idx,
                 xwhiteouts: markers.xwhiteouts,
+                loc: inode::Loc::Same,
             });
         }
         let root = Arc::new(Node::new(
@@ -259,7 +260,8 @@ impl Overlay {
     }
 
     /// `O_PATH` handle on the real directory of `node` in `layer`, from the cache or opened
-    /// from the parent's handle (iteratively, so deep trees cost no recursion).
+    /// from the nearest ancestor that has one (iteratively, so deep trees cost no recursion).
+    /// Redirected directories are opened by their path from the layer root.
     pub fn real_dir_fd(&self, node: &Node, layer: LayerIdx) -> Result<Arc<OwnedFd>> {
         if node.ino == Ino::ROOT {
             return self.layer_root(layer);
@@ -267,21 +269,39 @@ impl Overlay {
         if let Some(fd) = self.cached_dir_fd(node.ino, layer) {
             return Ok(fd);
         }
-        // Walk up to the nearest ancestor with a handle, remembering the names on the way.
+        // Walk up, remembering the names to open on the way back down.
         let mut chain: Vec<(Ino, OsString)> = Vec::new();
-        let (mut parent, name) = node.parent_and_name();
-        chain.push((node.ino, name));
-        let mut fd = loop {
+        let step = |n: &Node,
+                    chain: &mut Vec<(Ino, OsString)>|
+         -> Result<Result<Arc<OwnedFd>, Arc<Node>>> {
+            let (parent, name) = n.parent_and_name();
+            match n.loc_in(layer) {
+                inode::Loc::Abs(path) => {
+                    let root = self.layer_root(layer)?;
+                    let fd = sys::fs::open_dir_path(root.as_fd(), path.as_os_str())
+                        .map_err(|e| Error::io("open redirected directory", e))?;
+                    let fd = Arc::new(fd);
+                    self.cache_dir_fd(n.ino, layer, fd.clone());
+                    return Ok(Ok(fd));
+                }
+                inode::Loc::Renamed(real_name) => chain.push((n.ino, real_name)),
+                inode::Loc::Same => chain.push((n.ino, name)),
+            }
             let p = parent.ok_or(Error::Internal("non-root node without parent"))?;
             if p.ino == Ino::ROOT {
-                break self.layer_root(layer)?;
+                return Ok(Ok(self.layer_root(layer)?));
             }
             if let Some(fd) = self.cached_dir_fd(p.ino, layer) {
-                break fd;
+                return Ok(Ok(fd));
             }
-            let (pp, pname) = p.parent_and_name();
-            chain.push((p.ino, pname));
-            parent = pp;
+            Ok(Err(p))
+        };
+        let mut next = step(node, &mut chain)?;
+        let mut fd = loop {
+            match next {
+                Ok(fd) => break fd,
+                Err(p) => next = step(&p, &mut chain)?,
+            }
         };
         while let Some((ino, name)) = chain.pop() {
             let child = sys::fs::open_dir_path(fd.as_fd(), &name)
@@ -290,6 +310,43 @@ impl Overlay {
             self.cache_dir_fd(ino, layer, fd.clone());
         }
         Ok(fd)
+    }
+
+    /// The path of `node`'s real object in `layer`, from the layer root (for redirects).
+    pub fn real_path(&self, node: &Node, layer: LayerIdx) -> std::path::PathBuf {
+        let mut parts: Vec<OsString> = Vec::new();
+        let mut base = std::path::PathBuf::new();
+        let mut next = self.real_path_step(node, layer, &mut parts, &mut base);
+        while let Some(p) = next {
+            next = self.real_path_step(&p, layer, &mut parts, &mut base);
+        }
+        for part in parts.iter().rev() {
+            base.push(part);
+        }
+        base
+    }
+
+    /// One step of [`Self::real_path`]: records `n`'s name, returns the parent to continue with.
+    fn real_path_step(
+        &self,
+        n: &Node,
+        layer: LayerIdx,
+        parts: &mut Vec<OsString>,
+        base: &mut std::path::PathBuf,
+    ) -> Option<Arc<Node>> {
+        if n.ino == Ino::ROOT {
+            return None;
+        }
+        let (parent, name) = n.parent_and_name();
+        match n.loc_in(layer) {
+            inode::Loc::Abs(p) => {
+                *base = p;
+                return None;
+            }
+            inode::Loc::Renamed(x) => parts.push(x),
+            inode::Loc::Same => parts.push(name),
+        }
+        parent
     }
 
     /// The real parent directory and name of a non-directory `node` in `layer`.
@@ -304,6 +361,9 @@ impl Overlay {
         let top = node.top()?;
         if node.is_dir() {
             return self.real_dir_fd(node, top.layer);
+        }
+        if let Some(fd) = node.state().detached.clone() {
+            return Ok(fd);
         }
         let (parent, name) = self.real_parent(node, top.layer)?;
         let fd = sys::fs::open_path(parent.as_fd(), &name).map_err(|e| Error::io("open", e))?;

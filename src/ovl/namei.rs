@@ -4,7 +4,7 @@
 //! a real copy. The search stops at a whiteout, at a non-directory (it hides everything
 //! below), at an opaque directory, and at a non-directory found below a directory.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustix::fs::{FileType, Stat};
 
 use crate::error::{Error, Result};
-use crate::ovl::inode::{self, Node, NodeState, Real};
+use crate::ovl::inode::{self, Loc, Node, NodeState, Real};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::{Entry, Overlay, whiteout};
 use crate::sys;
@@ -29,6 +29,16 @@ pub struct Found {
     pub top_stat: Stat,
     /// Directory handles opened on the way, worth caching once the inode number is known.
     dir_fds: Vec<(LayerIdx, OwnedFd)>,
+}
+
+/// What one layer holds at a name.
+enum Probe {
+    /// Nothing: look further down.
+    Missing,
+    /// A whiteout: the name does not exist below.
+    Whiteout,
+    /// An object, with a handle when it is a directory.
+    Found(Stat, Option<OwnedFd>),
 }
 
 /// Checks a name from a request before it reaches a layer.
@@ -68,64 +78,70 @@ impl Overlay {
     }
 
     /// Searches the layers for `name` under `parent`; `None` when the merged view has no such
-    /// entry.
+    /// entry. Directory redirects (`overlay.redirect`) are followed as the kernel does by
+    /// default (`redirect_always_follow`): a relative one renames the entry in the parent's
+    /// lower directories, an absolute one continues from the roots of the layers below.
     pub fn lookup_real(&self, parent: &Node, name: &OsStr) -> Result<Option<Found>> {
         if whiteout::is_reserved_name(name) {
             return Ok(None);
         }
-        let parent_reals = parent.state().reals.clone();
+        let mut candidates: Vec<Real> = parent.state().reals.clone();
+        let mut target = Loc::Same;
         let mut reals: Vec<Real> = Vec::new();
         let mut top_stat: Option<Stat> = None;
         let mut dir_fds = Vec::new();
-        for pr in parent_reals {
-            let dir = self.real_dir_fd(parent, pr.layer)?;
-            let st = match sys::fs::stat_name(dir.as_fd(), name) {
-                Ok(st) => st,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    if whiteout::has_wh_file(dir.as_fd(), name)
-                        .map_err(|e| Error::io("look for .wh. whiteout", e))?
-                    {
-                        break;
-                    }
-                    continue;
-                }
-                Err(e) => return Err(Error::io("lookup", e)),
+        let mut i = 0;
+        while i < candidates.len() {
+            let pr = candidates[i].clone();
+            i += 1;
+            let probe = self.probe_layer(parent, &pr, name, &target)?;
+            let (st, dir_fd) = match probe {
+                Probe::Missing => continue,
+                Probe::Whiteout => break,
+                Probe::Found(st, fd) => (st, fd),
             };
-            if whiteout::is_chardev_whiteout(&st) {
-                break;
-            }
-            if pr.xwhiteouts
-                && whiteout::may_be_xattr_whiteout(&st)
-                && whiteout::is_xattr_whiteout(dir.as_fd(), name)
-                    .map_err(|e| Error::io("read xattr whiteout", e))?
-            {
-                break;
-            }
             let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
             if top_stat.is_none() {
                 top_stat = Some(st);
                 if !is_dir {
-                    reals.push(Real {
-                        layer: pr.layer,
-                        xwhiteouts: false,
-                    });
+                    reals.push(Real::at(pr.layer));
                     break;
                 }
             } else if !is_dir {
                 // A non-directory below a directory ends the stack (kernel: `d.stop`).
                 break;
             }
-            let fd = sys::fs::open_dir_path(dir.as_fd(), name)
-                .map_err(|e| Error::io("open real directory", e))?;
+            let fd = dir_fd.ok_or(Error::Internal("directory probe without handle"))?;
             let markers =
                 whiteout::dir_markers(fd.as_fd()).map_err(|e| Error::io("read dir markers", e))?;
             reals.push(Real {
                 layer: pr.layer,
                 xwhiteouts: markers.xwhiteouts,
+                loc: target.clone(),
             });
+            let redirect = if self.cfg.redirect_dir.follow() {
+                whiteout::redirect(fd.as_fd()).map_err(|e| Error::io("read redirect", e))?
+            } else {
+                None
+            };
             dir_fds.push((pr.layer, fd));
             if markers.opaque {
                 break;
+            }
+            match redirect {
+                Some(Loc::Abs(path)) => {
+                    // Continue from the roots of every layer below this one.
+                    candidates = self
+                        .layers
+                        .stack()
+                        .filter(|l| l.idx > pr.layer)
+                        .map(|l| Real::at(l.idx))
+                        .collect();
+                    i = 0;
+                    target = Loc::Abs(path);
+                }
+                Some(other) => target = other,
+                None => {}
             }
         }
         Ok(top_stat.map(|top_stat| Found {
@@ -135,11 +151,69 @@ impl Overlay {
         }))
     }
 
+    /// Looks for the entry in one layer: at `name` (or the redirected name) under the parent's
+    /// real directory, or at an absolute path from the layer root.
+    fn probe_layer(&self, parent: &Node, pr: &Real, name: &OsStr, target: &Loc) -> Result<Probe> {
+        let (dir, leaf): (Arc<OwnedFd>, OsString) = match target {
+            Loc::Same => (self.real_dir_fd(parent, pr.layer)?, name.to_owned()),
+            Loc::Renamed(n) => (self.real_dir_fd(parent, pr.layer)?, n.clone()),
+            Loc::Abs(path) => {
+                let root = self
+                    .layers
+                    .root(pr.layer)
+                    .ok_or(Error::Internal("unknown layer"))?;
+                let (dir_path, leaf) = match (path.parent(), path.file_name()) {
+                    (Some(d), Some(l)) => (d, l.to_owned()),
+                    _ => return Ok(Probe::Missing),
+                };
+                let dir = if dir_path.as_os_str().is_empty() {
+                    sys::fs::open_dir_path(root, OsStr::new("."))
+                } else {
+                    sys::fs::open_dir_path(root, dir_path.as_os_str())
+                };
+                match dir {
+                    Ok(d) => (Arc::new(d), leaf),
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+                        ) =>
+                    {
+                        return Ok(Probe::Missing);
+                    }
+                    Err(e) => return Err(Error::io("lookup redirect", e)),
+                }
+            }
+        };
+        let st = match sys::fs::stat_name(dir.as_fd(), &leaf) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let wh = whiteout::has_wh_file(dir.as_fd(), &leaf)
+                    .map_err(|e| Error::io("look for .wh. whiteout", e))?;
+                return Ok(if wh { Probe::Whiteout } else { Probe::Missing });
+            }
+            Err(e) => return Err(Error::io("lookup", e)),
+        };
+        if whiteout::is_chardev_whiteout(&st)
+            || (pr.xwhiteouts
+                && whiteout::may_be_xattr_whiteout(&st)
+                && whiteout::is_xattr_whiteout(dir.as_fd(), &leaf)
+                    .map_err(|e| Error::io("read xattr whiteout", e))?)
+        {
+            return Ok(Probe::Whiteout);
+        }
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            let fd = sys::fs::open_dir_path(dir.as_fd(), &leaf)
+                .map_err(|e| Error::io("open real directory", e))?;
+            return Ok(Probe::Found(st, Some(fd)));
+        }
+        Ok(Probe::Found(st, None))
+    }
+
     /// Turns a search result into a node (new, or the one already known under the same inode
     /// number) and its attributes.
     fn install(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Entry {
-        let top = found.reals[0];
-        let ino = self.ino_for(top.layer, found.top_stat.st_ino);
+        let ino = self.ino_for(found.reals[0].layer, found.top_stat.st_ino);
         let candidate = Node::new(
             ino,
             FileType::from_raw_mode(found.top_stat.st_mode),

@@ -43,6 +43,36 @@ pub struct Config {
     pub ignored: Vec<String>,
     /// `-o debug`.
     pub debug: bool,
+    /// Directory redirects (`redirect_dir=`): whether renaming a lower or merged directory
+    /// writes a redirect (`on`, the default here) or fails with EXDEV as with the kernel's
+    /// default (`follow`, `off`), and whether existing redirects are followed (all but
+    /// `nofollow`).
+    pub redirect_dir: RedirectDir,
+}
+
+/// The kernel's `redirect_dir=` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectDir {
+    /// Create and follow redirects: any directory can be renamed.
+    On,
+    /// Follow existing redirects, never create one (directory renames give EXDEV).
+    Follow,
+    /// Like `follow` (the kernel's `redirect_always_follow` default).
+    Off,
+    /// Neither create nor follow.
+    NoFollow,
+}
+
+impl RedirectDir {
+    /// Whether renaming a lower or merged directory may write a redirect.
+    pub fn create(self) -> bool {
+        self == RedirectDir::On
+    }
+
+    /// Whether lookups follow redirects found in layers.
+    pub fn follow(self) -> bool {
+        self != RedirectDir::NoFollow
+    }
 }
 
 /// Options handed to the FUSE kernel module.
@@ -83,6 +113,7 @@ impl Default for Config {
             fuse: FuseOptions::default(),
             ignored: Vec::new(),
             debug: false,
+            redirect_dir: RedirectDir::On,
         }
     }
 }
@@ -331,9 +362,15 @@ mod tests {
             Err(SetupError::MissingWorkdir(_))
         ));
         assert!(matches!(
-            Config::parse(&["lowerdir=/l,redirect_dir=on"]),
+            Config::parse(&["lowerdir=/l,redirect_dir=bogus"]),
             Err(SetupError::BadOption { .. })
         ));
+        assert_eq!(
+            Config::parse(&["lowerdir=/l,redirect_dir=off"])
+                .unwrap()
+                .redirect_dir,
+            RedirectDir::Off
+        );
         assert!(matches!(
             Config::parse(&["lowerdir=/l,timeout=-1"]),
             Err(SetupError::BadOption { .. })

@@ -4,11 +4,14 @@
 //! Non-directories are copied up and renamed in the upper layer; when a lower layer still has
 //! the old name, a whiteout takes its place atomically (`RENAME_WHITEOUT`, or an exchange with
 //! a whiteout prepared in the workdir). Directories that exist only in the upper layer move
-//! freely; merged or lower directories need `redirect_dir`, which this build does not write,
-//! so they get `EXDEV` exactly as with the kernel's default, and `mv` falls back to copying.
+//! freely (and become opaque when they land in a merged directory). Directories with lower
+//! copies are copied up (metadata only) and get the kernel's `redirect_dir=on` xattr, so
+//! kernel overlayfs mounting the same upper sees the same tree; with `redirect_dir=off` or
+//! `follow` they give `EXDEV` as with the kernel's default.
 
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -16,7 +19,7 @@ use rustix::fs::FileType;
 
 use crate::error::{Error, Result};
 use crate::ovl::copy_up::{RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT};
-use crate::ovl::inode::{Node, Real};
+use crate::ovl::inode::{Loc, Node, Real};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::namei::{Found, check_name};
 use crate::ovl::{Overlay, vfs, whiteout};
@@ -80,7 +83,10 @@ impl Overlay {
                 }
             }
         }
-        if !movable(&src) || (exchange && dst.as_ref().is_some_and(|d| !movable(d))) {
+        let needs_redirect =
+            !movable(&src) || (exchange && dst.as_ref().is_some_and(|d| !movable(d)));
+        if needs_redirect && !self.cfg.redirect_dir.create() {
+            // The kernel's answer without redirect_dir=on; `mv` then copies.
             return Err(errno("rename", libc::EXDEV));
         }
         if let (Some(d), false) = (&dst, exchange) {
@@ -140,13 +146,21 @@ impl Overlay {
         // ovl_rename: `ovl_type_merge(new->d_parent)`).
         let into_merged = newparent.is_merged_dir();
         let back_into_merged = parent.is_merged_dir();
+        let samedir = parent.ino == newparent.ino;
+        // A directory with lower copies keeps them through a redirect; one without becomes
+        // opaque when it lands in a merged directory.
+        let src_redirect = is_dir(src) && !movable(src);
+        if src_redirect {
+            self.set_redirect(src_node, samedir)?;
+        } else if is_dir(src) && into_merged {
+            self.set_opaque_existing(src_node)?;
+        }
 
         if exchange {
-            if is_dir(src) && into_merged {
-                self.set_opaque_existing(src_node)?;
-            }
             if let (Some(d), Some(dn)) = (dst, dst_node) {
-                if is_dir(d) && back_into_merged {
+                if is_dir(d) && !movable(d) {
+                    self.set_redirect(dn, samedir)?;
+                } else if is_dir(d) && back_into_merged {
                     self.set_opaque_existing(dn)?;
                 }
             }
@@ -159,9 +173,6 @@ impl Overlay {
             return Ok(());
         }
 
-        if is_dir(src) && into_merged {
-            self.set_opaque_existing(src_node)?;
-        }
         let dst_in_upper = match sys::fs::stat_name(ndir.as_fd(), newname) {
             Ok(_) => true,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
@@ -231,6 +242,73 @@ impl Overlay {
             }
         }
         set_name(src_node, Some(newparent.clone()), newname.to_owned());
+        Ok(())
+    }
+
+    /// Writes the redirect that keeps the lower copies of directory `node` reachable after it
+    /// moves (kernel `ovl_set_redirect`): its old name when it stays in the same directory and
+    /// was never redirected, else its absolute path in the top lower layer. The node's lower
+    /// copies are then located by path.
+    fn set_redirect(&self, node: &Arc<Node>, samedir: bool) -> Result<()> {
+        let upper = self.upper_ctx()?;
+        let lowers: Vec<Real> = node
+            .state()
+            .reals
+            .iter()
+            .filter(|r| !r.layer.is_upper())
+            .cloned()
+            .collect();
+        let Some(first) = lowers.first() else {
+            return Ok(());
+        };
+        // The name the lower copies have in the (unchanged) parent, if all agree on one.
+        let current = node.parent_and_name().1;
+        let lower_name = |r: &Real| match &r.loc {
+            Loc::Same => Some(current.clone()),
+            Loc::Renamed(x) => Some(x.clone()),
+            Loc::Abs(_) => None,
+        };
+        let names: Vec<Option<std::ffi::OsString>> = lowers.iter().map(lower_name).collect();
+        let relative = match (&names[0], samedir) {
+            (Some(n), true) => names
+                .iter()
+                .all(|x| x.as_ref() == Some(n))
+                .then(|| n.clone()),
+            _ => None,
+        };
+        let (value, new_locs): (Vec<u8>, Vec<(LayerIdx, Loc)>) = match relative {
+            Some(n) => (
+                n.as_bytes().to_vec(),
+                lowers
+                    .iter()
+                    .map(|r| (r.layer, Loc::Renamed(n.clone())))
+                    .collect(),
+            ),
+            None => {
+                let mut v = b"/".to_vec();
+                v.extend_from_slice(self.real_path(node, first.layer).as_os_str().as_bytes());
+                (
+                    v,
+                    lowers
+                        .iter()
+                        .map(|r| (r.layer, Loc::Abs(self.real_path(node, r.layer))))
+                        .collect(),
+                )
+            }
+        };
+        let fd = self.real_dir_fd(node, LayerIdx::UPPER)?;
+        vfs::do_setxattr(
+            fd.as_fd(),
+            OsStr::new(&format!("{}redirect", upper.xattr_prefix)),
+            &value,
+            0,
+        )?;
+        let mut st = node.state_mut();
+        for r in st.reals.iter_mut() {
+            if let Some((_, loc)) = new_locs.iter().find(|(l, _)| *l == r.layer) {
+                r.loc = loc.clone();
+            }
+        }
         Ok(())
     }
 

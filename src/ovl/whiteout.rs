@@ -142,6 +142,44 @@ pub fn dir_markers(dir: BorrowedFd<'_>) -> io::Result<DirMarkers> {
     Ok(markers)
 }
 
+/// Names of the redirect xattr, trusted (privileged mounts) and user (`userxattr`).
+const REDIRECT_XATTRS: [&str; 2] = ["trusted.overlay.redirect", "user.overlay.redirect"];
+
+/// The redirect of the directory held by `dir`, if any: `/a/b` is a path from the layer roots,
+/// anything else a name in the parent's lower directories (kernel `ovl_check_redirect`).
+pub fn redirect(dir: BorrowedFd<'_>) -> io::Result<Option<crate::ovl::inode::Loc>> {
+    for attr in REDIRECT_XATTRS {
+        let value = match sys::fs::get_xattr(dir, OsStr::new(attr)) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) => {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let value: Vec<u8> = value.into_iter().take_while(|b| *b != 0).collect();
+        if value.is_empty() {
+            continue;
+        }
+        if value[0] == b'/' {
+            let rel: Vec<u8> = value.iter().skip_while(|b| **b == b'/').copied().collect();
+            if rel.is_empty() || rel.split(|b| *b == b'/').any(|c| c == b"..") {
+                continue; // never trust a redirect that would climb out of the layer
+            }
+            return Ok(Some(crate::ovl::inode::Loc::Abs(std::path::PathBuf::from(
+                OsString::from_vec(rel),
+            ))));
+        }
+        if value.contains(&b'/') || value == b".." || value == b"." {
+            continue;
+        }
+        return Ok(Some(crate::ovl::inode::Loc::Renamed(OsString::from_vec(
+            value,
+        ))));
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -359,8 +359,8 @@ impl Overlay {
             .state()
             .reals
             .iter()
-            .cloned()
             .filter(|r| !r.layer.is_upper())
+            .cloned()
             .collect();
         for r in reals {
             let dir = self.real_dir_fd(parent, r.layer)?;

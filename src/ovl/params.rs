@@ -198,17 +198,15 @@ impl Config {
                 Some("off") | Some("auto") | Some("on") => {}
                 _ => return Err(bad("expected off, auto or on")),
             },
-            "redirect_dir" => match value {
-                // Without redirects we neither create nor follow them: what "off" means for a
-                // read-only union.
-                Some("off") | Some("nofollow") => {}
-                Some("on") | Some("follow") => {
-                    return Err(bad(
-                        "directory redirects are not supported; use redirect_dir=off",
-                    ));
+            "redirect_dir" => {
+                self.redirect_dir = match value {
+                    Some("on") => RedirectDir::On,
+                    Some("follow") => RedirectDir::Follow,
+                    Some("off") => RedirectDir::Off,
+                    Some("nofollow") => RedirectDir::NoFollow,
+                    _ => return Err(bad("expected on, follow, off or nofollow")),
                 }
-                _ => return Err(bad("expected off")),
-            },
+            }
             // SELinux label: accepted and dropped, as fuse-overlayfs does.
             "context" | "fscontext" | "defcontext" | "rootcontext" => {}
             "debug" => self.debug = true,

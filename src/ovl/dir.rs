@@ -181,14 +181,18 @@ impl Overlay {
             ));
         }
         let upper = self.upper_ctx()?;
-        let (src_dir, src_name) = self.real_parent(node, LayerIdx::UPPER)?;
+        // The object itself, even if the name it was found under is gone since.
+        let obj = self.real_path_fd(node)?;
         let udir = self.real_dir_fd(newparent, LayerIdx::UPPER)?;
+        let link_into = |dir: std::os::fd::BorrowedFd<'_>, name: &OsStr| -> Result<()> {
+            vfs::do_link_fd(obj.as_fd(), dir, name)
+        };
         match upper_slot(udir.as_fd(), newname)? {
-            UpperSlot::Empty => vfs::do_link(src_dir.as_fd(), &src_name, udir.as_fd(), newname)?,
+            UpperSlot::Empty => link_into(udir.as_fd(), newname)?,
             slot => {
                 let tmp = upper.tmp_name();
                 let work = upper.work.as_fd();
-                vfs::do_link(src_dir.as_fd(), &src_name, work, &tmp)?;
+                link_into(work, &tmp)?;
                 let mut guard = TempGuard::new(work, tmp.clone());
                 if slot == UpperSlot::Whiteout {
                     vfs::do_rename(work, &tmp, udir.as_fd(), newname, RENAME_EXCHANGE)?;
@@ -262,11 +266,18 @@ impl Overlay {
         let in_upper = found.reals[0].layer.is_upper();
         let ino = self.ino_for(found.reals[0].layer, found.top_stat.st_ino);
         let node = self.inodes.get(ino).ok();
-        if let (Some(node), true) = (&node, in_upper && !is_dir) {
-            // Keep the object reachable for fstat through open handles once nameless.
-            if let Ok(fd) = sys::fs::open_path(udir.as_fd(), name) {
-                node.state_mut().detached = Some(Arc::new(fd));
-            }
+        // A handle on the upper object keeps it reachable (fstat through open handles, other
+        // hard links) once this name is gone, and tells whether it died.
+        let upper_obj = match in_upper {
+            true => sys::fs::open_path(udir.as_fd(), name).ok().map(Arc::new),
+            false => None,
+        };
+        let upper_ino = upper_obj
+            .as_ref()
+            .and_then(|fd| sys::fs::stat_fd(fd.as_fd()).ok())
+            .map(|s| s.st_ino);
+        if let (Some(node), Some(fd), false) = (&node, &upper_obj, is_dir) {
+            node.state_mut().detached = Some(fd.clone());
         }
         let need_whiteout = self.lower_positive(parent, name)?;
         if need_whiteout {
@@ -286,19 +297,20 @@ impl Overlay {
                 vfs::do_unlink(udir.as_fd(), name)?;
             }
         }
-        if let Some(node) = node {
-            let gone = if is_dir {
-                true
-            } else {
-                match node.state().detached.as_ref() {
-                    Some(fd) => sys::fs::stat_fd(fd.as_fd())
-                        .map(|s| s.st_nlink == 0)
-                        .unwrap_or(true),
-                    None => found.top_stat.st_nlink <= 1,
-                }
-            };
-            if gone {
+        let gone = match (&upper_obj, is_dir) {
+            (_, true) => true,
+            (Some(fd), false) => sys::fs::stat_fd(fd.as_fd())
+                .map(|s| s.st_nlink == 0)
+                .unwrap_or(true),
+            (None, false) => found.top_stat.st_nlink <= 1,
+        };
+        if gone {
+            if let Some(node) = node {
                 node.dead.store(true, Ordering::Relaxed);
+            }
+            if let Some(u) = upper_ino {
+                // The upper inode number may be reused by an unrelated object.
+                self.forget_origin(u);
             }
         }
         Ok(())

@@ -249,6 +249,14 @@ impl Overlay {
             .insert(upper_ino, ino);
     }
 
+    /// Forgets the origin of upper inode `upper_ino` (the object is gone).
+    pub fn forget_origin(&self, upper_ino: u64) {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&upper_ino);
+    }
+
     /// Drops cached directory handles of `ino` (the directory was removed: its number may be
     /// reused).
     pub fn forget_dir_fds(&self, ino: Ino, reals: &[Real]) {

@@ -225,6 +225,15 @@ impl Overlay {
             },
         );
         let node = self.inodes.get_or_insert(candidate);
+        if !node.is_dir() {
+            let mut st = node.state_mut();
+            if st.detached.is_some() {
+                // Found again under another name: that name locates it from now on.
+                st.parent = Some(parent.clone());
+                st.name = name.to_owned();
+                st.detached = None;
+            }
+        }
         for (layer, fd) in found.dir_fds {
             self.cache_dir_fd(node.ino, layer, Arc::new(fd));
         }

@@ -124,3 +124,27 @@ pub fn do_truncate(fd: BorrowedFd<'_>, size: u64) -> Result<()> {
     debug!(target: T, op = "truncate", size);
     rustix::fs::ftruncate(fd, size).map_err(|e| Error::io("truncate", e.into()))
 }
+
+/// chown of the object behind an `O_PATH` fd.
+pub fn do_chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    debug!(target: T, op = "chown", ?uid, ?gid);
+    sys::fs::chown_fd(fd, uid, gid).map_err(|e| Error::io("chown", e))
+}
+
+/// chmod of the object behind an `O_PATH` fd.
+pub fn do_chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> Result<()> {
+    debug!(target: T, op = "chmod", mode = format_args!("{mode:o}"));
+    sys::fs::chmod_fd(fd, mode).map_err(|e| Error::io("chmod", e))
+}
+
+/// utimensat of the object behind an `O_PATH` fd (`AT_EMPTY_PATH`).
+pub fn do_utimes_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> Result<()> {
+    debug!(target: T, op = "utimes", ?atime, ?mtime);
+    sys::fs::set_times_fd(fd, atime, mtime).map_err(|e| Error::io("utimes", e))
+}
+
+/// Links the object behind an `O_PATH` fd under a new name.
+pub fn do_link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> Result<()> {
+    debug!(target: T, op = "link", ?newname);
+    sys::fs::link_fd(fd, newdir, newname).map_err(|e| Error::io("link", e))
+}

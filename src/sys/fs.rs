@@ -489,3 +489,18 @@ pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     let path = proc_fd_path(fd);
     rustix::fs::chmod(path.as_c_str(), Mode::from_raw_mode(mode & 0o7777)).map_err(io::Error::from)
 }
+
+/// Links the object behind an `O_PATH` fd under `newname` in `newdir` (through its
+/// `/proc/self/fd` magic link, which names the object itself even when it has no name left).
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
+    check_single_component(newname)?;
+    let path = proc_fd_path(fd);
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        path.as_c_str(),
+        newdir,
+        newname,
+        AtFlags::SYMLINK_FOLLOW,
+    )
+    .map_err(io::Error::from)
+}

@@ -134,6 +134,13 @@ impl Overlay {
         let dst_obj =
             sys::fs::open_path(work, tmp.name()).map_err(|e| Error::io("copy-up open", e))?;
         copy_xattrs(src_obj.as_fd(), dst_obj.as_fd())?;
+        // Record where the copy came from, in the kernel's format (overlay.origin), and mark
+        // the parent impure so that lookups and readdir know to look for origins there.
+        let lower_uuid = self.layers.get(top.layer).map_or([0; 16], |l| l.uuid);
+        if let Some(fh) = whiteout::encode_origin(src_obj.as_fd(), &lower_uuid) {
+            vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("origin"), &fh, 0)?;
+            self.set_impure(&parent, upper_dir.as_fd())?;
+        }
         copy_attrs(work, tmp.name(), &st)?;
         let upper_st =
             sys::fs::stat_fd(dst_obj.as_fd()).map_err(|e| Error::io("copy-up stat", e))?;
@@ -150,6 +157,26 @@ impl Overlay {
             self.cache_dir_fd(node.ino, LayerIdx::UPPER, Arc::new(dst_obj));
         }
         self.record_origin(upper_st.st_ino, node.ino);
+        Ok(())
+    }
+}
+
+impl Overlay {
+    /// Marks the upper copy of directory `dir` impure (`overlay.impure=y`) once.
+    pub(crate) fn set_impure(&self, dir: &Node, upper_fd: BorrowedFd<'_>) -> Result<()> {
+        let already = dir
+            .state()
+            .reals
+            .first()
+            .is_some_and(|r| r.layer.is_upper() && r.impure);
+        if already {
+            return Ok(());
+        }
+        let upper = self.upper_ctx()?;
+        vfs::do_setxattr(upper_fd, &upper.xattr("impure"), b"y", 0)?;
+        if let Some(r) = dir.state_mut().reals.first_mut() {
+            r.impure = true;
+        }
         Ok(())
     }
 }

@@ -37,6 +37,8 @@ pub struct Real {
     /// For directories: this layer's copy is marked `overlay.opaque=x`, i.e. it may hold
     /// xattr whiteouts that must be checked for (kernel `ovl_dentry_has_xwhiteouts`).
     pub xwhiteouts: bool,
+    /// For upper directories: marked `overlay.impure`, so entries may carry an origin.
+    pub impure: bool,
     /// Where in the layer the object is.
     pub loc: Loc,
 }
@@ -47,6 +49,7 @@ impl Real {
         Real {
             layer,
             xwhiteouts: false,
+            impure: false,
             loc: Loc::Same,
         }
     }

@@ -44,6 +44,8 @@ pub struct Layer {
     pub fsid: u16,
     /// The path the user gave, for messages.
     pub path: PathBuf,
+    /// UUID of the layer's filesystem (zeros if none), for origin records.
+    pub uuid: [u8; 16],
 }
 
 /// The whole stack, opened.
@@ -120,18 +122,21 @@ impl Layers {
                     dev,
                     fsid: fsid_of(dev),
                     path: upper.clone(),
+                    uuid: [0; 16],
                 }));
             }
             None => slots.push(None),
         }
         for (i, lower) in cfg.lowerdirs.iter().enumerate() {
             let (root, dev, _) = open_layer_root("lowerdir", lower, &mnt)?;
+            let uuid = sys::fs::fs_uuid(root.as_fd());
             slots.push(Some(Layer {
                 idx: LayerIdx(i as u16 + 1),
                 root: Arc::new(root),
                 dev,
                 fsid: fsid_of(dev),
                 path: lower.clone(),
+                uuid,
             }));
         }
         Ok(Layers {

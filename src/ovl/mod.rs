@@ -55,6 +55,8 @@ pub struct Overlay {
     /// Upper inode number -> overlay inode number of objects copied up during this mount, so
     /// `st_ino` and `d_ino` stay those of the copy-up origin (kernel: `overlay.origin`).
     origins: Mutex<HashMap<u64, Ino>>,
+    /// Upper inode numbers whose origin xattr has been looked at (found or not).
+    origin_checked: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// What writing to the upper layer needs: the workdir, the xattr namespace we may write, and
@@ -101,7 +103,28 @@ impl UpperCtx {
 
     /// The name of the opaque-directory xattr we write.
     pub fn opaque_xattr(&self) -> OsString {
-        format!("{}opaque", self.xattr_prefix).into()
+        self.xattr("opaque")
+    }
+
+    /// `<prefix>overlay.<what>` in the namespace this mount writes.
+    pub fn xattr(&self, what: &str) -> OsString {
+        format!("{}{what}", self.xattr_prefix).into()
+    }
+
+    /// Gives a new upper layer a persistent overlay UUID, as the kernel does on the first
+    /// mount of a new overlay (`uuid=auto`: only while the upper root is not yet impure).
+    fn init_uuid(&self, upper_root: std::os::fd::BorrowedFd<'_>) {
+        let name = self.xattr("uuid");
+        if matches!(sys::fs::get_xattr(upper_root, &name), Ok(Some(_))) {
+            return;
+        }
+        if matches!(
+            sys::fs::get_xattr(upper_root, &self.xattr("impure")),
+            Ok(Some(_))
+        ) {
+            return;
+        }
+        let _ = vfs::do_setxattr(upper_root, &name, &sys::fs::random_uuid(), 0);
     }
 }
 
@@ -127,6 +150,7 @@ impl Overlay {
             reals.push(Real {
                 layer: layer.idx,
                 xwhiteouts: markers.xwhiteouts,
+                impure: markers.impure,
                 loc: inode::Loc::Same,
             });
         }
@@ -146,7 +170,11 @@ impl Overlay {
         let upper = match (&layers.work, cfg.is_read_only()) {
             (Some(work), false) => {
                 let work = work.try_clone().map_err(|e| Error::io("dup workdir", e))?;
-                Some(UpperCtx::new(Arc::new(work)))
+                let ctx = UpperCtx::new(Arc::new(work));
+                if let Some(upper) = layers.upper() {
+                    ctx.init_uuid(upper.root.as_fd());
+                }
+                Some(ctx)
             }
             _ => None,
         };
@@ -160,6 +188,7 @@ impl Overlay {
             dirs: readdir::DirTable::default(),
             upper,
             origins: Mutex::new(HashMap::new()),
+            origin_checked: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -255,6 +284,31 @@ impl Overlay {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&upper_ino);
+        self.origin_checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&upper_ino);
+    }
+
+    /// Whether the origin of upper inode `upper_ino` is known (or known to be absent).
+    pub fn origin_known(&self, upper_ino: u64) -> bool {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&upper_ino)
+            || self
+                .origin_checked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&upper_ino)
+    }
+
+    /// Remembers that upper inode `upper_ino` has been checked for an origin.
+    pub fn mark_origin_checked(&self, upper_ino: u64) {
+        self.origin_checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(upper_ino);
     }
 
     /// Drops cached directory handles of `ino` (the directory was removed: its number may be

@@ -117,6 +117,7 @@ impl Overlay {
             reals.push(Real {
                 layer: pr.layer,
                 xwhiteouts: markers.xwhiteouts,
+                impure: markers.impure,
                 loc: target.clone(),
             });
             let redirect = if self.cfg.redirect_dir.follow() {
@@ -144,11 +145,81 @@ impl Overlay {
                 None => {}
             }
         }
+        if let (Some(st), Some(top)) = (&top_stat, reals.first()) {
+            let parent_impure = parent
+                .state()
+                .reals
+                .first()
+                .is_some_and(|r| r.layer.is_upper() && r.impure);
+            if top.layer.is_upper() && parent_impure && !self.origin_known(st.st_ino) {
+                self.resolve_origin(parent, name, st, &mut reals, &dir_fds)?;
+            }
+        }
         Ok(top_stat.map(|top_stat| Found {
             reals,
             top_stat,
             dir_fds,
         }))
+    }
+
+    /// An upper object in an impure directory may be a copy-up from an earlier mount: if its
+    /// `overlay.origin` names the lower object under the same name, it keeps that object's
+    /// inode number (kernel `ovl_check_origin`), and a non-directory gets it as its origin.
+    fn resolve_origin(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        st: &Stat,
+        reals: &mut Vec<Real>,
+        dir_fds: &[(LayerIdx, OwnedFd)],
+    ) -> Result<()> {
+        self.mark_origin_checked(st.st_ino);
+        let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+        let obj = match dir_fds.iter().find(|(l, _)| l.is_upper()) {
+            Some((_, fd)) => fd.try_clone().map_err(|e| Error::io("dup", e))?,
+            None => {
+                let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+                sys::fs::open_path(udir.as_fd(), name).map_err(|e| Error::io("open upper", e))?
+            }
+        };
+        let Some(origin) =
+            whiteout::origin(obj.as_fd()).map_err(|e| Error::io("read origin", e))?
+        else {
+            return Ok(());
+        };
+        if is_dir {
+            if let Some((layer, fd)) = dir_fds.iter().find(|(l, _)| !l.is_upper()) {
+                let lst = sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat origin", e))?;
+                self.record_origin(st.st_ino, self.ino_for(*layer, lst.st_ino));
+            }
+            return Ok(());
+        }
+        let lowers: Vec<Real> = parent
+            .state()
+            .reals
+            .iter()
+            .filter(|r| !r.layer.is_upper())
+            .cloned()
+            .collect();
+        for pr in lowers {
+            match self.probe_layer(parent, &pr, name, &Loc::Same)? {
+                Probe::Missing => continue,
+                Probe::Whiteout => break,
+                Probe::Found(lst, _) => {
+                    let dir = self.real_dir_fd(parent, pr.layer)?;
+                    let lobj = sys::fs::open_path(dir.as_fd(), name)
+                        .map_err(|e| Error::io("open origin", e))?;
+                    let uuid = self.layers.get(pr.layer).map_or([0; 16], |l| l.uuid);
+                    if whiteout::encode_origin(lobj.as_fd(), &uuid).as_deref() == Some(&origin[..])
+                    {
+                        reals.push(Real::at(pr.layer));
+                        self.record_origin(st.st_ino, self.ino_for(pr.layer, lst.st_ino));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Looks for the entry in one layer: at `name` (or the redirected name) under the parent's

@@ -150,6 +150,10 @@ impl Overlay {
                         continue;
                     }
                 }
+                if real.layer.is_upper() && real.impure && !self.origin_known(e.ino) {
+                    // A copy-up from an earlier mount shows its origin's number: find it.
+                    let _ = self.lookup_real(dir, &e.name);
+                }
                 seen.insert(e.name.clone());
                 out.push(DirEntry {
                     ino: self.ino_for(real.layer, e.ino),

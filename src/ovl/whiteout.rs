@@ -32,6 +32,8 @@ const OPAQUE_XATTRS: [&str; 3] = [
     "user.overlay.opaque",
     "user.fuseoverlayfs.opaque",
 ];
+const IMPURE_XATTRS: [&str; 2] = ["trusted.overlay.impure", "user.overlay.impure"];
+const ORIGIN_XATTRS: [&str; 2] = ["trusted.overlay.origin", "user.overlay.origin"];
 const WHITEOUT_XATTRS: [&str; 2] = ["trusted.overlay.whiteout", "user.overlay.whiteout"];
 
 /// Prefixes of the extended attributes that belong to the overlay itself and are never shown
@@ -112,6 +114,8 @@ pub struct DirMarkers {
     pub opaque: bool,
     /// `overlay.opaque=x`: some entries may be xattr whiteouts.
     pub xwhiteouts: bool,
+    /// `overlay.impure=y`: some entries were copied up and carry an origin.
+    pub impure: bool,
 }
 
 /// Reads the opaque markers of the directory held by `dir` (an `O_PATH` handle).
@@ -124,6 +128,10 @@ pub fn dir_markers(dir: BorrowedFd<'_>) -> io::Result<DirMarkers> {
         Err(e) => return Err(e),
     };
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        if IMPURE_XATTRS.iter().any(|a| a.as_bytes() == name) {
+            markers.impure = true;
+            continue;
+        }
         if OPAQUE_XATTRS.iter().any(|a| a.as_bytes() == name) {
             match sys::fs::get_xattr(dir, OsStr::from_bytes(name))?.as_deref() {
                 Some(b"y") | Some(b"y\0") => markers.opaque = true,
@@ -140,6 +148,34 @@ pub fn dir_markers(dir: BorrowedFd<'_>) -> io::Result<DirMarkers> {
         }
     }
     Ok(markers)
+}
+
+/// The copy-up origin recorded on an upper object (kernel `struct ovl_fb` bytes), if any.
+pub fn origin(obj: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
+    for attr in ORIGIN_XATTRS {
+        match sys::fs::get_xattr(obj, OsStr::new(attr)) {
+            Ok(Some(v)) => return Ok(Some(v)),
+            Ok(None) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Encodes the kernel's origin record (`struct ovl_fb`: version 0, magic 0xfb, length, flags,
+/// handle type, filesystem UUID, handle) for the lower object behind `obj`; `None` when its
+/// filesystem cannot make file handles (the kernel then records no origin either).
+pub fn encode_origin(obj: BorrowedFd<'_>, fs_uuid: &[u8; 16]) -> Option<Vec<u8>> {
+    let (handle_type, handle) = sys::fs::file_handle(obj).ok()?;
+    let len = 5 + 16 + handle.len();
+    if len > 255 || !(0..=255).contains(&handle_type) {
+        return None;
+    }
+    let mut fb = vec![0u8, 0xfb, len as u8, 0, handle_type as u8];
+    fb.extend_from_slice(fs_uuid);
+    fb.extend_from_slice(&handle);
+    Some(fb)
 }
 
 /// Names of the redirect xattr, trusted (privileged mounts) and user (`userxattr`).

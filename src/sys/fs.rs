@@ -504,3 +504,72 @@ pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> i
     )
     .map_err(io::Error::from)
 }
+
+/// The file handle of the object behind `fd` (`name_to_handle_at(fd, "", AT_EMPTY_PATH)`):
+/// `(handle type, handle bytes)`. Used for the kernel's `overlay.origin` format.
+pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
+    const MAX_HANDLE_SZ: usize = 128;
+    #[repr(C)]
+    struct Handle {
+        handle_bytes: u32,
+        handle_type: i32,
+        f_handle: [u8; MAX_HANDLE_SZ],
+    }
+    let mut h = Handle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` is a properly sized `struct file_handle` with room for MAX_HANDLE_SZ bytes as
+    // announced in handle_bytes; the path is a valid empty C string; mount_id is a valid int.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut h as *mut Handle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = (h.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((h.handle_type, h.f_handle[..n].to_vec()))
+}
+
+/// The filesystem UUID of the filesystem holding `fd` (`FS_IOC_GETFSUUID`), or zeros when
+/// the filesystem has none.
+pub fn fs_uuid(fd: BorrowedFd<'_>) -> [u8; 16] {
+    #[repr(C)]
+    struct FsUuid2 {
+        len: u8,
+        uuid: [u8; 16],
+    }
+    const FS_IOC_GETFSUUID: libc::c_ulong = 0x8011_1500;
+    let Ok(dir) = reopen(fd, OFlags::RDONLY) else {
+        return [0; 16];
+    };
+    let mut u = FsUuid2 {
+        len: 0,
+        uuid: [0; 16],
+    };
+    // SAFETY: FS_IOC_GETFSUUID writes at most sizeof(struct fsuuid2) = 17 bytes into `u`.
+    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FS_IOC_GETFSUUID, &mut u as *mut FsUuid2) };
+    if rc != 0 || u.len as usize != 16 {
+        return [0; 16];
+    }
+    u.uuid
+}
+
+/// 16 random bytes (for the overlay instance UUID).
+pub fn random_uuid() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    // RFC 4122 version 4, variant 1, as the kernel's uuid_gen().
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}

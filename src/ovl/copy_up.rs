@@ -65,9 +65,52 @@ impl Drop for TempGuard<'_> {
 }
 
 impl Overlay {
-    /// Makes sure `node` (and so each of its ancestors) has an upper copy
-    /// (kernel `ovl_copy_up`).
+    /// Makes sure `node` (and so each of its ancestors) has an upper copy (kernel
+    /// `ovl_copy_up`). With `metacopy`, a regular file gets a metadata-only copy whose data
+    /// stays in the lower layer until [`Self::copy_up_data`].
     pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
+        self.copy_up_chain(node, self.cfg.metacopy)
+    }
+
+    /// Makes sure `node` has an upper copy with its data (open for write, truncate): a full
+    /// copy-up, or the completion of a metadata-only one (kernel `ovl_copy_up_meta_inode_data`:
+    /// the data is copied into the upper file, then the `metacopy` xattr removed, so a crash in
+    /// between leaves a file still reading from below).
+    pub fn copy_up_data(&self, node: &Arc<Node>) -> Result<()> {
+        self.copy_up_chain(node, false)?;
+        if !node.state().metacopy {
+            return Ok(());
+        }
+        let _serial = node.copy_up_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !node.state().metacopy {
+            return Ok(());
+        }
+        let upper = self.upper_ctx()?;
+        let data = node.data_real()?;
+        let (ldir, lname) = self.real_parent(node, data.layer)?;
+        let src = open_lower_file(ldir.as_fd(), &lname)?;
+        let size = sys::fs::stat_fd(src.as_fd())
+            .map_err(|e| Error::io("copy-up stat", e))?
+            .st_size as u64;
+        let obj = self.real_path_fd(node)?;
+        let dst = sys::fs::reopen(obj.as_fd(), OFlags::WRONLY)
+            .map_err(|e| Error::io("copy-up open upper", e))?;
+        debug!(target: "stratafs::upper", op = "copy_up_data", name = ?node.parent_and_name().1, size);
+        sys::fs::copy_data(src.as_fd(), dst.as_fd(), size)
+            .map_err(|e| Error::io("copy-up data", e))?;
+        if self.cfg.fsync {
+            rustix::fs::fsync(&dst).map_err(|e| Error::io("copy-up fsync", e.into()))?;
+        }
+        match vfs::do_removexattr(obj.as_fd(), &upper.xattr("metacopy")) {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::ENODATA => {}
+            Err(e) => return Err(e),
+        }
+        node.state_mut().metacopy = false;
+        Ok(())
+    }
+
+    fn copy_up_chain(&self, node: &Arc<Node>, meta: bool) -> Result<()> {
         if node.is_upper() {
             return Ok(());
         }
@@ -82,38 +125,44 @@ impl Overlay {
             chain.push(p);
         }
         for n in chain.iter().rev() {
-            self.copy_up_one(n)?;
+            self.copy_up_one(n, meta)?;
         }
         Ok(())
     }
 
     /// Copies one object whose parent already has an upper copy.
-    fn copy_up_one(&self, node: &Arc<Node>) -> Result<()> {
+    fn copy_up_one(&self, node: &Arc<Node>, meta: bool) -> Result<()> {
         let _serial = node.copy_up_lock.lock().unwrap_or_else(|e| e.into_inner());
         if node.is_upper() {
             return Ok(());
         }
         let upper = self.upper_ctx()?;
         let top = node.top()?;
-        let (parent, name) = node.parent_and_name();
+        let (parent, _) = node.parent_and_name();
         let parent = parent.ok_or(Error::Internal("copy-up of the root"))?;
-        let lower_dir = self.real_dir_fd(&parent, top.layer)?;
+        let (lower_dir, lower_name) = self.real_parent(node, top.layer)?;
+        let name = node.parent_and_name().1;
         let upper_dir = self.real_dir_fd(&parent, LayerIdx::UPPER)?;
-        let st = sys::fs::stat_name(lower_dir.as_fd(), &name)
+        let st = sys::fs::stat_name(lower_dir.as_fd(), &lower_name)
             .map_err(|e| Error::io("copy-up stat", e))?;
+        let src_obj = sys::fs::open_path(lower_dir.as_fd(), &lower_name)
+            .map_err(|e| Error::io("copy-up open", e))?;
+        let lower_uuid = self.layers.get(top.layer).map_or([0; 16], |l| l.uuid);
+        let origin = whiteout::encode_origin(src_obj.as_fd(), &lower_uuid);
+        let file_type = FileType::from_raw_mode(st.st_mode);
+        // Metadata only needs an origin to find the data again after a remount.
+        let meta = meta && file_type == FileType::RegularFile && origin.is_some();
         let work = upper.work.as_fd();
         let mut tmp = TempGuard::new(work, upper.tmp_name());
-        let file_type = FileType::from_raw_mode(st.st_mode);
-        debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size);
+        debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size, meta);
         match file_type {
+            FileType::RegularFile if meta => {
+                // A sparse file of the right size, as the kernel's metacopy files.
+                let dst = vfs::do_create(work, tmp.name(), OFlags::WRONLY, 0o600)?;
+                vfs::do_truncate(dst.as_fd(), st.st_size as u64)?;
+            }
             FileType::RegularFile => {
-                let src = sys::fs::open_beneath(
-                    lower_dir.as_fd(),
-                    &name,
-                    OFlags::RDONLY | OFlags::NOATIME,
-                )
-                .or_else(|_| sys::fs::open_beneath(lower_dir.as_fd(), &name, OFlags::RDONLY))
-                .map_err(|e| Error::io("copy-up open lower", e))?;
+                let src = open_lower_file(lower_dir.as_fd(), &lower_name)?;
                 let dst = vfs::do_create(work, tmp.name(), OFlags::WRONLY, 0o600)?;
                 sys::fs::copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)
                     .map_err(|e| Error::io("copy-up data", e))?;
@@ -123,23 +172,23 @@ impl Overlay {
             }
             FileType::Directory => vfs::do_mkdir(work, tmp.name(), 0o700)?,
             FileType::Symlink => {
-                let target = sys::fs::read_link(lower_dir.as_fd(), &name)
+                let target = sys::fs::read_link(lower_dir.as_fd(), &lower_name)
                     .map_err(|e| Error::io("copy-up readlink", e))?;
                 vfs::do_symlink(OsStr::from_bytes(&target), work, tmp.name())?;
             }
             _ => vfs::do_mknod(work, tmp.name(), st.st_mode, st.st_rdev)?,
         }
-        let src_obj = sys::fs::open_path(lower_dir.as_fd(), &name)
-            .map_err(|e| Error::io("copy-up open", e))?;
         let dst_obj =
             sys::fs::open_path(work, tmp.name()).map_err(|e| Error::io("copy-up open", e))?;
         copy_xattrs(src_obj.as_fd(), dst_obj.as_fd())?;
         // Record where the copy came from, in the kernel's format (overlay.origin), and mark
         // the parent impure so that lookups and readdir know to look for origins there.
-        let lower_uuid = self.layers.get(top.layer).map_or([0; 16], |l| l.uuid);
-        if let Some(fh) = whiteout::encode_origin(src_obj.as_fd(), &lower_uuid) {
-            vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("origin"), &fh, 0)?;
+        if let Some(fh) = &origin {
+            vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("origin"), fh, 0)?;
             self.set_impure(&parent, upper_dir.as_fd())?;
+        }
+        if meta {
+            vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("metacopy"), b"", 0)?;
         }
         copy_attrs(work, tmp.name(), &st)?;
         let upper_st =
@@ -152,6 +201,7 @@ impl Overlay {
             if !node.is_dir() {
                 state.reals.truncate(2);
             }
+            state.metacopy = meta;
         }
         if node.is_dir() {
             self.cache_dir_fd(node.ino, LayerIdx::UPPER, Arc::new(dst_obj));
@@ -159,6 +209,13 @@ impl Overlay {
         self.record_origin(upper_st.st_ino, node.ino);
         Ok(())
     }
+}
+
+/// Opens a lower regular file for reading without touching its atime when allowed.
+fn open_lower_file(dir: BorrowedFd<'_>, name: &OsStr) -> Result<std::os::fd::OwnedFd> {
+    sys::fs::open_beneath(dir, name, OFlags::RDONLY | OFlags::NOATIME)
+        .or_else(|_| sys::fs::open_beneath(dir, name, OFlags::RDONLY))
+        .map_err(|e| Error::io("copy-up open lower", e))
 }
 
 impl Overlay {

@@ -173,6 +173,11 @@ impl Overlay {
         }
         self.want_write()?;
         self.copy_up(node)?;
+        if node.state().metacopy {
+            // Every name of a metadata-only file must lead to its data: an absolute redirect
+            // (kernel ovl_set_link_redirect).
+            self.set_redirect(node, false)?;
+        }
         self.copy_up(newparent)?;
         if self.lookup_real(newparent, newname)?.is_some() {
             return Err(Error::io(
@@ -237,6 +242,7 @@ impl Overlay {
                 name: name.to_owned(),
                 reals: found.reals.clone(),
                 detached: None,
+                metacopy: false,
             },
         );
         if self.read_merged(&probe)?.len() > 2 {

@@ -52,7 +52,7 @@ impl Overlay {
         }
         let write = wants_write(flags);
         if write {
-            self.copy_up(node)?;
+            self.copy_up_data(node)?;
         }
         let acc = match flags & libc::O_ACCMODE {
             libc::O_WRONLY => OFlags::WRONLY,
@@ -88,13 +88,14 @@ impl Overlay {
     /// Opens the top real file of `node`; lower files are never written and never get their
     /// atime updated (overlayfs.rst, "Non-standard behavior").
     fn open_real(&self, node: &Node, flags: OFlags) -> Result<(OwnedFd, LayerIdx)> {
-        let top = node.top()?;
+        let ro = flags & OFlags::RWMODE == OFlags::RDONLY;
+        // Reads of a metadata-only copy come from the lower data file.
+        let top = if ro { node.data_real()? } else { node.top()? };
         if let Some(fd) = node.state().detached.clone() {
             let f = sys::fs::reopen(fd.as_fd(), flags).map_err(|e| Error::io("open", e))?;
             return Ok((f, top.layer));
         }
         let (parent, name) = self.real_parent(node, top.layer)?;
-        let ro = flags & OFlags::RWMODE == OFlags::RDONLY;
         let fd = match ro {
             true => match sys::fs::open_beneath(parent.as_fd(), &name, flags | OFlags::NOATIME) {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -114,7 +115,7 @@ impl Overlay {
     pub fn handle_fd(&self, fh: u64) -> Result<Arc<OwnedFd>> {
         let file = self.file(fh)?;
         let (fd, layer) = file.real.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let top = file.node.top()?;
+        let top = file.node.data_real()?;
         if top.layer == layer || file.node.state().detached.is_some() {
             return Ok(fd);
         }

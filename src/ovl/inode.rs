@@ -83,6 +83,9 @@ pub struct NodeState {
     /// Set once the last name of the object was removed while the kernel still held it: a
     /// handle on the (now nameless) upper object, so `fstat` of an open, unlinked file works.
     pub detached: Option<Arc<OwnedFd>>,
+    /// A metadata-only copy-up (kernel `metacopy=on`): the upper file holds the attributes,
+    /// the data still comes from the lower file in `reals[1]`.
+    pub metacopy: bool,
 }
 
 /// A merged object the kernel holds a reference to.
@@ -160,6 +163,17 @@ impl Node {
             .reals
             .first()
             .is_some_and(|r| r.layer.is_upper())
+    }
+
+    /// The real object holding the data: the lower one for a metadata-only copy-up, else the
+    /// top one.
+    pub fn data_real(&self) -> Result<Real> {
+        let st = self.state();
+        let idx = usize::from(st.metacopy);
+        st.reals
+            .get(idx)
+            .cloned()
+            .ok_or(Error::Internal("node without a data object"))
     }
 
     /// Whether the node is a merged directory (real directories in more than one layer):

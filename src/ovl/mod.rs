@@ -162,6 +162,7 @@ impl Overlay {
                 name: OsString::new(),
                 reals,
                 detached: None,
+                metacopy: false,
             },
         ));
         let inodes = InodeTable::default();
@@ -210,13 +211,21 @@ impl Overlay {
             return Ok(inode::overlay_stat(node, st, self.cfg.static_nlink));
         }
         let top = node.top()?;
-        let st = if node.is_dir() {
+        let mut st = if node.is_dir() {
             let fd = self.real_dir_fd(node, top.layer)?;
             sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat directory", e))?
         } else {
             let (parent, name) = self.real_parent(node, top.layer)?;
             sys::fs::stat_name(parent.as_fd(), &name).map_err(|e| Error::io("stat", e))?
         };
+        if node.state().metacopy {
+            // The blocks are the lower data's (kernel ovl_getattr).
+            let data = node.data_real()?;
+            let (dir, name) = self.real_parent(node, data.layer)?;
+            if let Ok(dst) = sys::fs::stat_name(dir.as_fd(), &name) {
+                st.st_blocks = dst.st_blocks;
+            }
+        }
         Ok(inode::overlay_stat(node, st, self.cfg.static_nlink))
     }
 
@@ -415,7 +424,25 @@ impl Overlay {
     pub fn real_parent(&self, node: &Node, layer: LayerIdx) -> Result<(Arc<OwnedFd>, OsString)> {
         let (parent, name) = node.parent_and_name();
         let parent = parent.ok_or(Error::Internal("non-root node without parent"))?;
-        Ok((self.real_dir_fd(&parent, layer)?, name))
+        match node.loc_in(layer) {
+            inode::Loc::Same => Ok((self.real_dir_fd(&parent, layer)?, name)),
+            inode::Loc::Renamed(real_name) => Ok((self.real_dir_fd(&parent, layer)?, real_name)),
+            inode::Loc::Abs(path) => {
+                let leaf = path
+                    .file_name()
+                    .ok_or(Error::Internal("redirect without a name"))?
+                    .to_owned();
+                let root = self.layer_root(layer)?;
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => Arc::new(
+                        sys::fs::open_dir_path(root.as_fd(), d.as_os_str())
+                            .map_err(|e| Error::io("open redirected parent", e))?,
+                    ),
+                    _ => root,
+                };
+                Ok((dir, leaf))
+            }
+        }
     }
 
     /// `O_PATH` handle on the top real object of `node`, whatever its type.

@@ -29,6 +29,8 @@ pub struct Found {
     pub top_stat: Stat,
     /// Directory handles opened on the way, worth caching once the inode number is known.
     dir_fds: Vec<(LayerIdx, OwnedFd)>,
+    /// The top object is a metadata-only copy-up; `reals[1]` holds the data.
+    pub metacopy: bool,
 }
 
 /// What one layer holds at a name.
@@ -90,6 +92,7 @@ impl Overlay {
         let mut reals: Vec<Real> = Vec::new();
         let mut top_stat: Option<Stat> = None;
         let mut dir_fds = Vec::new();
+        let mut metacopy = false;
         let mut i = 0;
         while i < candidates.len() {
             let pr = candidates[i].clone();
@@ -151,11 +154,17 @@ impl Overlay {
                 .reals
                 .first()
                 .is_some_and(|r| r.layer.is_upper() && r.impure);
-            if top.layer.is_upper() && parent_impure && !self.origin_known(st.st_ino) {
-                self.resolve_origin(parent, name, st, &mut reals, &dir_fds)?;
+            if top.layer.is_upper() && parent_impure {
+                if !self.origin_known(st.st_ino) {
+                    self.resolve_origin(parent, name, st, &mut reals, &dir_fds)?;
+                }
+                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
+                    metacopy = self.resolve_metacopy(parent, name, &mut reals)?;
+                }
             }
         }
         Ok(top_stat.map(|top_stat| Found {
+            metacopy,
             reals,
             top_stat,
             dir_fds,
@@ -220,6 +229,56 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// An upper regular file marked `overlay.metacopy` holds only attributes: its data is the
+    /// lower file its redirect names (or the one under the same name). Returns whether it is
+    /// one, with `reals` set to `[upper, data]`.
+    fn resolve_metacopy(&self, parent: &Node, name: &OsStr, reals: &mut Vec<Real>) -> Result<bool> {
+        let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+        let obj = sys::fs::open_path(udir.as_fd(), name).map_err(|e| Error::io("open upper", e))?;
+        if !whiteout::is_metacopy(obj.as_fd()).map_err(|e| Error::io("read metacopy", e))? {
+            return Ok(false);
+        }
+        let target = match self.cfg.redirect_dir.follow() {
+            true => whiteout::redirect(obj.as_fd()).map_err(|e| Error::io("read redirect", e))?,
+            false => None,
+        }
+        .unwrap_or(Loc::Same);
+        let candidates: Vec<Real> = match &target {
+            Loc::Abs(_) => self
+                .layers
+                .stack()
+                .filter(|l| !l.idx.is_upper())
+                .map(|l| Real::at(l.idx))
+                .collect(),
+            _ => parent
+                .state()
+                .reals
+                .iter()
+                .filter(|r| !r.layer.is_upper())
+                .cloned()
+                .collect(),
+        };
+        for pr in candidates {
+            match self.probe_layer(parent, &pr, name, &target)? {
+                Probe::Missing => continue,
+                Probe::Whiteout => break,
+                Probe::Found(st, _) => {
+                    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                        break;
+                    }
+                    reals.truncate(1);
+                    reals.push(Real {
+                        loc: target.clone(),
+                        ..Real::at(pr.layer)
+                    });
+                    return Ok(true);
+                }
+            }
+        }
+        // Data gone from below: show the upper file as it is rather than fail.
+        Ok(false)
     }
 
     /// Looks for the entry in one layer: at `name` (or the redirected name) under the parent's
@@ -293,6 +352,7 @@ impl Overlay {
                 name: name.to_owned(),
                 reals: found.reals,
                 detached: None,
+                metacopy: found.metacopy,
             },
         );
         let node = self.inodes.get_or_insert(candidate);

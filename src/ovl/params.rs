@@ -48,6 +48,10 @@ pub struct Config {
     /// default (`follow`, `off`), and whether existing redirects are followed (all but
     /// `nofollow`).
     pub redirect_dir: RedirectDir,
+    /// Metadata-only copy-up (`metacopy=on`, the default here): chmod, chown, utimes,
+    /// xattr changes and renames of a lower regular file copy its attributes up, not its
+    /// data; the data follows on the first open for write.
+    pub metacopy: bool,
 }
 
 /// The kernel's `redirect_dir=` modes.
@@ -114,6 +118,7 @@ impl Default for Config {
             ignored: Vec::new(),
             debug: false,
             redirect_dir: RedirectDir::On,
+            metacopy: true,
         }
     }
 }
@@ -198,6 +203,7 @@ impl Config {
                 Some("off") | Some("auto") | Some("on") => {}
                 _ => return Err(bad("expected off, auto or on")),
             },
+            "metacopy" => self.metacopy = flag(value)?,
             "redirect_dir" => {
                 self.redirect_dir = match value {
                     Some("on") => RedirectDir::On,

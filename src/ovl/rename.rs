@@ -149,7 +149,7 @@ impl Overlay {
         let samedir = parent.ino == newparent.ino;
         // A directory with lower copies keeps them through a redirect; one without becomes
         // opaque when it lands in a merged directory.
-        let src_redirect = is_dir(src) && !movable(src);
+        let src_redirect = (is_dir(src) && !movable(src)) || src_node.state().metacopy;
         if src_redirect {
             self.set_redirect(src_node, samedir)?;
         } else if is_dir(src) && into_merged {
@@ -158,7 +158,7 @@ impl Overlay {
 
         if exchange {
             if let (Some(d), Some(dn)) = (dst, dst_node) {
-                if is_dir(d) && !movable(d) {
+                if (is_dir(d) && !movable(d)) || dn.state().metacopy {
                     self.set_redirect(dn, samedir)?;
                 } else if is_dir(d) && back_into_merged {
                     self.set_opaque_existing(dn)?;
@@ -249,7 +249,7 @@ impl Overlay {
     /// moves (kernel `ovl_set_redirect`): its old name when it stays in the same directory and
     /// was never redirected, else its absolute path in the top lower layer. The node's lower
     /// copies are then located by path.
-    fn set_redirect(&self, node: &Arc<Node>, samedir: bool) -> Result<()> {
+    pub(crate) fn set_redirect(&self, node: &Arc<Node>, samedir: bool) -> Result<()> {
         let upper = self.upper_ctx()?;
         let lowers: Vec<Real> = node
             .state()
@@ -296,7 +296,7 @@ impl Overlay {
                 )
             }
         };
-        let fd = self.real_dir_fd(node, LayerIdx::UPPER)?;
+        let fd = self.real_path_fd(node)?;
         vfs::do_setxattr(
             fd.as_fd(),
             OsStr::new(&format!("{}redirect", upper.xattr_prefix)),
@@ -331,6 +331,7 @@ impl Overlay {
                 name: name.to_owned(),
                 reals: found.reals.clone(),
                 detached: None,
+                metacopy: false,
             },
         );
         Ok(self.read_merged(&probe)?.len() <= 2)

@@ -36,7 +36,11 @@ impl Overlay {
     /// one (ftruncate), is an open handle on the file.
     pub fn setattr(&self, node: &Arc<Node>, attr: SetAttr, fh: Option<u64>) -> Result<Stat> {
         self.want_write()?;
-        self.copy_up(node)?;
+        if attr.size.is_some() {
+            self.copy_up_data(node)?;
+        } else {
+            self.copy_up(node)?;
+        }
         let obj = self.real_path_fd(node)?;
         if let Some(size) = attr.size {
             if node.is_dir() {

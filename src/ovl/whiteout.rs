@@ -150,6 +150,19 @@ pub fn dir_markers(dir: BorrowedFd<'_>) -> io::Result<DirMarkers> {
     Ok(markers)
 }
 
+/// Whether the upper regular file behind `obj` is a metadata-only copy-up.
+pub fn is_metacopy(obj: BorrowedFd<'_>) -> io::Result<bool> {
+    for attr in ["trusted.overlay.metacopy", "user.overlay.metacopy"] {
+        match sys::fs::get_xattr(obj, OsStr::new(attr)) {
+            Ok(Some(_)) => return Ok(true),
+            Ok(None) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
 /// The copy-up origin recorded on an upper object (kernel `struct ovl_fb` bytes), if any.
 pub fn origin(obj: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
     for attr in ORIGIN_XATTRS {

@@ -151,7 +151,9 @@ impl Overlay {
         let origin = whiteout::encode_origin(src_obj.as_fd(), &lower_uuid);
         let file_type = FileType::from_raw_mode(st.st_mode);
         // Metadata only needs an origin to find the data again after a remount.
-        let meta = meta && file_type == FileType::RegularFile && origin.is_some();
+        // Lower hard links are not copied up metadata-only (the kernel needs index=on for that).
+        let meta =
+            meta && file_type == FileType::RegularFile && origin.is_some() && st.st_nlink == 1;
         let work = upper.work.as_fd();
         let mut tmp = TempGuard::new(work, upper.tmp_name());
         debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size, meta);
@@ -206,7 +208,17 @@ impl Overlay {
         if node.is_dir() {
             self.cache_dir_fd(node.ino, LayerIdx::UPPER, Arc::new(dst_obj));
         }
-        self.record_origin(upper_st.st_ino, node.ino);
+        if !node.is_dir() && st.st_nlink > 1 {
+            // Without an index the hard link breaks, as in the kernel: the other names stay
+            // the lower file, now under a number of their own.
+            self.split_link(top.layer, st.st_ino);
+        }
+        if node.is_dir() || st.st_nlink == 1 {
+            // The copy keeps its origin's inode number. Not for a lower hard link: its other
+            // names still show the lower inode, and two different files must never share a
+            // number (kernel ovl_getattr: "lower hardlinks may be broken on copy up").
+            self.record_origin(upper_st.st_ino, node.ino);
+        }
         Ok(())
     }
 }

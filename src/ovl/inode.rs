@@ -310,6 +310,11 @@ impl InoMap {
         }
     }
 
+    /// A fresh number that no real inode maps to.
+    pub fn alloc(&self) -> Ino {
+        Ino(self.next_fallback.fetch_sub(1, Ordering::Relaxed))
+    }
+
     /// The overlay inode number for real inode `ino` on filesystem `fsid`.
     pub fn map(&self, fsid: u16, ino: u64) -> Ino {
         let mapped = if self.fsid_bits == 0 {

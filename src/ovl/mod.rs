@@ -55,6 +55,9 @@ pub struct Overlay {
     /// Upper inode number -> overlay inode number of objects copied up during this mount, so
     /// `st_ino` and `d_ino` stay those of the copy-up origin (kernel: `overlay.origin`).
     origins: Mutex<HashMap<u64, Ino>>,
+    /// Lower hard links one of whose names was copied up: the copy keeps the number, the
+    /// remaining lower names get this one (two different files never share a number).
+    split_links: Mutex<HashMap<(u16, u64), Ino>>,
     /// Upper inode numbers whose origin xattr has been looked at (found or not).
     origin_checked: Mutex<std::collections::HashSet<u64>>,
 }
@@ -190,6 +193,7 @@ impl Overlay {
             upper,
             origins: Mutex::new(HashMap::new()),
             origin_checked: Mutex::new(std::collections::HashSet::new()),
+            split_links: Mutex::new(HashMap::new()),
         })
     }
 
@@ -276,7 +280,23 @@ impl Overlay {
             }
         }
         let fsid = self.layers.get(layer).map_or(0, |l| l.fsid);
+        if !layer.is_upper() {
+            let split = self.split_links.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(ino) = split.get(&(fsid, real_ino)) {
+                return *ino;
+            }
+        }
         self.inomap.map(fsid, real_ino)
+    }
+
+    /// A name of the lower hard link `real_ino` in `layer` was copied up: from now on its
+    /// other (lower) names show a number of their own.
+    pub fn split_link(&self, layer: LayerIdx, real_ino: u64) {
+        let fsid = self.layers.get(layer).map_or(0, |l| l.fsid);
+        let mut split = self.split_links.lock().unwrap_or_else(|e| e.into_inner());
+        split
+            .entry((fsid, real_ino))
+            .or_insert_with(|| self.inomap.alloc());
     }
 
     /// Remembers that upper inode `upper_ino` keeps showing as `ino`.

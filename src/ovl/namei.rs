@@ -222,7 +222,9 @@ impl Overlay {
                     if whiteout::encode_origin(lobj.as_fd(), &uuid).as_deref() == Some(&origin[..])
                     {
                         reals.push(Real::at(pr.layer));
-                        self.record_origin(st.st_ino, self.ino_for(pr.layer, lst.st_ino));
+                        if lst.st_nlink == 1 {
+                            self.record_origin(st.st_ino, self.ino_for(pr.layer, lst.st_ino));
+                        }
                     }
                     break;
                 }

@@ -513,12 +513,15 @@ impl Filesystem for OverlayFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        match self.node(ino).and_then(|n| self.ovl.fsyncdir(&n, datasync)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail("fsyncdir", &e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -62,6 +62,25 @@ impl Overlay {
         Ok(fh)
     }
 
+    /// fsync of a directory: its upper copy, if it has one (nothing else can be dirty).
+    pub fn fsyncdir(&self, dir: &Node, datasync: bool) -> Result<()> {
+        if !self.cfg.fsync || !dir.is_upper() {
+            return Ok(());
+        }
+        let fd = self.real_dir_fd(dir, crate::ovl::layer::LayerIdx::UPPER)?;
+        let d = sys::fs::reopen(
+            fd.as_fd(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        )
+        .map_err(|e| Error::io("fsyncdir", e))?;
+        let res = if datasync {
+            rustix::fs::fdatasync(&d)
+        } else {
+            rustix::fs::fsync(&d)
+        };
+        res.map_err(|e| Error::io("fsyncdir", e.into()))
+    }
+
     /// Closes a directory stream.
     pub fn releasedir(&self, fh: u64) {
         self.dirs

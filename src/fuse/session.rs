@@ -107,6 +107,11 @@ fn serve(
         Ok(s) => s,
         Err(e) => return Err((mount_err(e), status)),
     };
+    let notifier = session.notifier();
+    ovl.set_attr_invalidator(Box::new(move |ino| {
+        // A negative offset drops only the cached attributes, not the page cache.
+        let _ = notifier.inval_inode(fuser::INodeNo(ino.0), -1, 0);
+    }));
     let mut unmounter = session.unmount_callable();
     let mnt_for_log = mountpoint.to_path_buf();
     let _ = std::thread::Builder::new()

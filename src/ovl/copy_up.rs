@@ -148,12 +148,17 @@ impl Overlay {
         let src_obj = sys::fs::open_path(lower_dir.as_fd(), &lower_name)
             .map_err(|e| Error::io("copy-up open", e))?;
         let lower_uuid = self.layers.get(top.layer).map_or([0; 16], |l| l.uuid);
-        let origin = whiteout::encode_origin(src_obj.as_fd(), &lower_uuid);
         let file_type = FileType::from_raw_mode(st.st_mode);
-        // Metadata only needs an origin to find the data again after a remount.
-        // Lower hard links are not copied up metadata-only (the kernel needs index=on for that).
-        let meta =
-            meta && file_type == FileType::RegularFile && origin.is_some() && st.st_nlink == 1;
+        // A lower hard link copied up without an index records no origin (its other names
+        // stay below; kernel ovl_copy_up_one).
+        let hardlink = file_type != FileType::Directory && st.st_nlink > 1;
+        let origin = match hardlink {
+            true => None,
+            false => whiteout::encode_origin(src_obj.as_fd(), &lower_uuid),
+        };
+        // The data of a metadata-only copy is found again by path (or redirect), as the
+        // kernel does, so it needs no origin.
+        let meta = meta && file_type == FileType::RegularFile;
         let work = upper.work.as_fd();
         let mut tmp = TempGuard::new(work, upper.tmp_name());
         debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size, meta);
@@ -187,8 +192,9 @@ impl Overlay {
         // the parent impure so that lookups and readdir know to look for origins there.
         if let Some(fh) = &origin {
             vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("origin"), fh, 0)?;
-            self.set_impure(&parent, upper_dir.as_fd())?;
         }
+        // The parent may now hold a non-pure upper entry (kernel ovl_do_copy_up).
+        self.set_impure(&parent, upper_dir.as_fd())?;
         if meta {
             vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("metacopy"), b"", 0)?;
         }
@@ -204,20 +210,26 @@ impl Overlay {
                 state.reals.truncate(2);
             }
             state.metacopy = meta;
+            state.origin = origin.is_some();
         }
         if node.is_dir() {
             self.cache_dir_fd(node.ino, LayerIdx::UPPER, Arc::new(dst_obj));
         }
-        if !node.is_dir() && st.st_nlink > 1 {
+        if hardlink {
             // Without an index the hard link breaks, as in the kernel: the other names stay
-            // the lower file, now under a number of their own.
+            // the lower file, from now on under a number of their own, so that two different
+            // files never share one (kernel ovl_getattr: "lower hardlinks may be broken").
             self.split_link(top.layer, st.st_ino);
         }
-        if node.is_dir() || st.st_nlink == 1 {
-            // The copy keeps its origin's inode number. Not for a lower hard link: its other
-            // names still show the lower inode, and two different files must never share a
-            // number (kernel ovl_getattr: "lower hardlinks may be broken on copy up").
-            self.record_origin(upper_st.st_ino, node.ino);
+        if hardlink || node.is_dir() {
+            // The link count changed (a broken hard link has one name now; a merged directory
+            // shows 1), and the kernel refreshes it on its own only when its cache times out.
+            self.invalidate_attrs(node.ino);
+        }
+        // The copy keeps the node's number for every name it gets in the upper layer.
+        self.record_origin(upper_st.st_ino, node.ino);
+        if origin.is_some() {
+            self.mark_has_origin(upper_st.st_ino);
         }
         Ok(())
     }

@@ -208,7 +208,18 @@ impl Overlay {
                 }
             }
         }
-        self.lookup(newparent, newname)
+        if node.has_origin() {
+            // Like a rename, a link with an origin makes its directory impure (kernel
+            // ovl_create_or_link).
+            self.set_impure(newparent, udir.as_fd())?;
+        }
+        // The new name shows the same inode (same node), not a second one.
+        let stat = self.getattr(node)?;
+        self.inodes.add_lookup(node);
+        Ok(Entry {
+            node: node.clone(),
+            stat,
+        })
     }
 
     /// Removes the non-directory `name` from `parent` (kernel `ovl_unlink`).
@@ -243,6 +254,7 @@ impl Overlay {
                 reals: found.reals.clone(),
                 detached: None,
                 metacopy: false,
+                origin: false,
             },
         );
         if self.read_merged(&probe)?.len() > 2 {
@@ -335,7 +347,7 @@ impl Overlay {
         let work = upper.work.as_fd();
         if !upper.wh_files.load(Ordering::Relaxed) {
             let tmp = upper.tmp_name();
-            match vfs::do_mknod(work, &tmp, libc::S_IFCHR, 0) {
+            match self.make_whiteout(work, &tmp) {
                 Ok(()) => {
                     let mut guard = TempGuard::new(work, tmp.clone());
                     if in_upper {
@@ -368,6 +380,30 @@ impl Overlay {
             vfs::do_remove_tree(work, &gone)?;
         }
         Ok(())
+    }
+
+    /// Creates a whiteout at `tmp` in the workdir: a new link to one shared 0/0 device kept
+    /// in the workdir, as the kernel does (`ovl_whiteout`: whiteouts share an inode), or a new
+    /// device when links run out.
+    fn make_whiteout(&self, work: BorrowedFd<'_>, tmp: &OsStr) -> Result<()> {
+        let upper = self.upper_ctx()?;
+        let mut shared = upper
+            .shared_whiteout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if shared.is_none() {
+            let name = upper.tmp_name();
+            vfs::do_mknod(work, &name, libc::S_IFCHR, 0)?;
+            *shared = Some(name);
+        }
+        if let Some(name) = shared.as_ref() {
+            match vfs::do_link(work, name, work, tmp) {
+                Ok(()) => return Ok(()),
+                Err(e) if matches!(e.errno(), libc::EMLINK | libc::ENOENT) => *shared = None,
+                Err(e) => return Err(e),
+            }
+        }
+        vfs::do_mknod(work, tmp, libc::S_IFCHR, 0)
     }
 
     /// Whether a layer below the upper one shows `name` under `parent` (kernel

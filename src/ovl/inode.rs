@@ -86,6 +86,8 @@ pub struct NodeState {
     /// A metadata-only copy-up (kernel `metacopy=on`): the upper file holds the attributes,
     /// the data still comes from the lower file in `reals[1]`.
     pub metacopy: bool,
+    /// The upper copy records an `overlay.origin` (kernel `OVL_TYPE_ORIGIN` for non-dirs).
+    pub origin: bool,
 }
 
 /// A merged object the kernel holds a reference to.
@@ -109,6 +111,20 @@ pub struct Node {
 }
 
 impl Node {
+    /// Whether the upper object came from a lower one (kernel `OVL_TYPE_ORIGIN`): moving or
+    /// linking it into a directory makes that directory impure.
+    pub fn has_origin(&self) -> bool {
+        let st = self.state();
+        let upper = st.reals.first().is_some_and(|r| r.layer.is_upper());
+        // A merged directory always counts; a non-directory when it records an origin.
+        upper
+            && if self.is_dir() {
+                st.reals.len() > 1
+            } else {
+                st.origin
+            }
+    }
+
     /// Creates a node with no kernel references yet.
     pub fn new(ino: Ino, file_type: FileType, state: NodeState) -> Node {
         Node {

@@ -52,14 +52,37 @@ pub struct Overlay {
     files: file::FileTable,
     dirs: readdir::DirTable,
     upper: Option<UpperCtx>,
+    /// Tells the kernel to drop its cached attributes of an inode (set by the FUSE adapter;
+    /// the core only knows that such a hook exists).
+    invalidate_attrs: InvalidatorSlot,
     /// Upper inode number -> overlay inode number of objects copied up during this mount, so
     /// `st_ino` and `d_ino` stay those of the copy-up origin (kernel: `overlay.origin`).
     origins: Mutex<HashMap<u64, Ino>>,
     /// Lower hard links one of whose names was copied up: the copy keeps the number, the
     /// remaining lower names get this one (two different files never share a number).
     split_links: Mutex<HashMap<(u16, u64), Ino>>,
+    /// Upper inode numbers known to carry an origin xattr.
+    with_origin: Mutex<std::collections::HashSet<u64>>,
     /// Upper inode numbers whose origin xattr has been looked at (found or not).
     origin_checked: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Callback dropping the kernel's cached attributes of an inode.
+pub type AttrInvalidator = Box<dyn Fn(Ino) + Send + Sync>;
+
+/// Holder of the [`AttrInvalidator`], set once by the FUSE adapter; a newtype so that
+/// [`Overlay`] stays `Debug`.
+#[derive(Default)]
+struct InvalidatorSlot(std::sync::OnceLock<AttrInvalidator>);
+
+impl std::fmt::Debug for InvalidatorSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "InvalidatorSlot(set)"
+        } else {
+            "InvalidatorSlot(unset)"
+        })
+    }
 }
 
 /// What writing to the upper layer needs: the workdir, the xattr namespace we may write, and
@@ -74,6 +97,8 @@ pub struct UpperCtx {
     /// Write `.wh.NAME` files instead of 0/0 character devices (mknod refused, or
     /// `FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT` set).
     pub wh_files: AtomicBool,
+    /// Name in the workdir of the whiteout every new whiteout is linked from.
+    pub shared_whiteout: Mutex<Option<OsString>>,
     tmp_seq: AtomicU64,
 }
 
@@ -96,6 +121,7 @@ impl UpperCtx {
                 std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_some(),
             ),
             tmp_seq: AtomicU64::new(0),
+            shared_whiteout: Mutex::new(None),
         }
     }
 
@@ -166,6 +192,7 @@ impl Overlay {
                 reals,
                 detached: None,
                 metacopy: false,
+                origin: false,
             },
         ));
         let inodes = InodeTable::default();
@@ -191,10 +218,25 @@ impl Overlay {
             files: file::FileTable::default(),
             dirs: readdir::DirTable::default(),
             upper,
+            invalidate_attrs: InvalidatorSlot::default(),
             origins: Mutex::new(HashMap::new()),
             origin_checked: Mutex::new(std::collections::HashSet::new()),
             split_links: Mutex::new(HashMap::new()),
+            with_origin: Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// Installs the hook that drops the kernel's cached attributes (once, at mount).
+    pub fn set_attr_invalidator(&self, f: AttrInvalidator) {
+        let _ = self.invalidate_attrs.0.set(f);
+    }
+
+    /// Asks the kernel to fetch `ino`'s attributes again (they changed behind its back, e.g.
+    /// the link count of a hard link that was copied up).
+    pub fn invalidate_attrs(&self, ino: Ino) {
+        if let Some(f) = self.invalidate_attrs.0.get() {
+            f(ino);
+        }
     }
 
     /// The node for an inode number from a request.
@@ -330,6 +372,22 @@ impl Overlay {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(&upper_ino)
+    }
+
+    /// Whether upper inode `upper_ino` is known to carry an origin xattr.
+    pub fn upper_has_origin(&self, upper_ino: u64) -> bool {
+        self.with_origin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&upper_ino)
+    }
+
+    /// Remembers that upper inode `upper_ino` carries an origin xattr.
+    pub fn mark_has_origin(&self, upper_ino: u64) {
+        self.with_origin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(upper_ino);
     }
 
     /// Remembers that upper inode `upper_ino` has been checked for an origin.

@@ -31,6 +31,8 @@ pub struct Found {
     dir_fds: Vec<(LayerIdx, OwnedFd)>,
     /// The top object is a metadata-only copy-up; `reals[1]` holds the data.
     pub metacopy: bool,
+    /// The top (upper) object records a copy-up origin.
+    pub origin: bool,
 }
 
 /// What one layer holds at a name.
@@ -93,6 +95,7 @@ impl Overlay {
         let mut top_stat: Option<Stat> = None;
         let mut dir_fds = Vec::new();
         let mut metacopy = false;
+        let mut origin = false;
         let mut i = 0;
         while i < candidates.len() {
             let pr = candidates[i].clone();
@@ -148,23 +151,37 @@ impl Overlay {
                 None => {}
             }
         }
-        if let (Some(st), Some(top)) = (&top_stat, reals.first()) {
+        let top_is_upper = reals.first().is_some_and(|r| r.layer.is_upper());
+        if let Some(st) = &top_stat {
             let parent_impure = parent
                 .state()
                 .reals
                 .first()
                 .is_some_and(|r| r.layer.is_upper() && r.impure);
-            if top.layer.is_upper() && parent_impure {
+            let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+            if top_is_upper && is_dir && reals.len() > 1 && !self.origin_known(st.st_ino) {
+                self.fix_origin(parent, st, &dir_fds)?;
+            }
+            if top_is_upper && parent_impure {
+                origin = self.upper_has_origin(st.st_ino);
                 if !self.origin_known(st.st_ino) {
-                    self.resolve_origin(parent, name, st, &mut reals, &dir_fds)?;
+                    origin = self.resolve_origin(parent, name, st, &mut reals, &dir_fds)?;
                 }
-                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
-                    metacopy = self.resolve_metacopy(parent, name, &mut reals)?;
-                }
+            }
+            // A metadata-only copy has no data blocks of its own; it is in an impure directory
+            // unless it has no origin (a lower hard link copied up without index=on), so the
+            // xattr is read for either.
+            let dataless = st.st_blocks == 0 && st.st_size > 0;
+            if top_is_upper
+                && (parent_impure || dataless)
+                && FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            {
+                metacopy = self.resolve_metacopy(parent, name, &mut reals)?;
             }
         }
         Ok(top_stat.map(|top_stat| Found {
             metacopy,
+            origin,
             reals,
             top_stat,
             dir_fds,
@@ -181,7 +198,7 @@ impl Overlay {
         st: &Stat,
         reals: &mut Vec<Real>,
         dir_fds: &[(LayerIdx, OwnedFd)],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.mark_origin_checked(st.st_ino);
         let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
         let obj = match dir_fds.iter().find(|(l, _)| l.is_upper()) {
@@ -194,14 +211,15 @@ impl Overlay {
         let Some(origin) =
             whiteout::origin(obj.as_fd()).map_err(|e| Error::io("read origin", e))?
         else {
-            return Ok(());
+            return Ok(false);
         };
+        self.mark_has_origin(st.st_ino);
         if is_dir {
             if let Some((layer, fd)) = dir_fds.iter().find(|(l, _)| !l.is_upper()) {
                 let lst = sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat origin", e))?;
                 self.record_origin(st.st_ino, self.ino_for(*layer, lst.st_ino));
             }
-            return Ok(());
+            return Ok(true);
         }
         let lowers: Vec<Real> = parent
             .state()
@@ -230,7 +248,35 @@ impl Overlay {
                 }
             }
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A merged directory whose upper copy records no origin gets the first lower copy as its
+    /// origin, and its parent is marked impure (kernel `ovl_fix_origin`, done at lookup).
+    fn fix_origin(&self, parent: &Node, st: &Stat, dir_fds: &[(LayerIdx, OwnedFd)]) -> Result<()> {
+        let Ok(upper) = self.upper_ctx() else {
+            return Ok(());
+        };
+        let (Some((_, ufd)), Some((llayer, lfd))) = (
+            dir_fds.iter().find(|(l, _)| l.is_upper()),
+            dir_fds.iter().find(|(l, _)| !l.is_upper()),
+        ) else {
+            return Ok(());
+        };
+        self.mark_origin_checked(st.st_ino);
+        if whiteout::origin(ufd.as_fd())
+            .map_err(|e| Error::io("read origin", e))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let uuid = self.layers.get(*llayer).map_or([0; 16], |l| l.uuid);
+        let Some(fh) = whiteout::encode_origin(lfd.as_fd(), &uuid) else {
+            return Ok(());
+        };
+        crate::ovl::vfs::do_setxattr(ufd.as_fd(), &upper.xattr("origin"), &fh, 0)?;
+        let pfd = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+        self.set_impure(parent, pfd.as_fd())
     }
 
     /// An upper regular file marked `overlay.metacopy` holds only attributes: its data is the
@@ -355,6 +401,7 @@ impl Overlay {
                 reals: found.reals,
                 detached: None,
                 metacopy: found.metacopy,
+                origin: found.origin,
             },
         );
         let node = self.inodes.get_or_insert(candidate);

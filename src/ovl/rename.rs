@@ -166,6 +166,15 @@ impl Overlay {
             }
             vfs::do_rename(odir.as_fd(), name, ndir.as_fd(), newname, RENAME_EXCHANGE)?;
             let dn = dst_node.ok_or(Error::Internal("exchange without target"))?;
+            if !samedir {
+                // Moved entries with an origin make their new parent impure (kernel ovl_rename).
+                if src_node.has_origin() {
+                    self.set_impure(newparent, ndir.as_fd())?;
+                }
+                if dn.has_origin() {
+                    self.set_impure(parent, odir.as_fd())?;
+                }
+            }
             let (sp, sn) = src_node.parent_and_name();
             let (dp, dnm) = dn.parent_and_name();
             set_name(src_node, dp, dnm);
@@ -241,6 +250,9 @@ impl Overlay {
                 self.forget_dir_fds(dn.ino, &dn.state().reals.clone());
             }
         }
+        if !samedir && src_node.has_origin() {
+            self.set_impure(newparent, ndir.as_fd())?;
+        }
         set_name(src_node, Some(newparent.clone()), newname.to_owned());
         Ok(())
     }
@@ -269,6 +281,14 @@ impl Overlay {
             Loc::Abs(_) => None,
         };
         let names: Vec<Option<std::ffi::OsString>> = lowers.iter().map(lower_name).collect();
+        // A lower hard link's redirect must hold from every name: always absolute.
+        let hardlink = !node.is_dir()
+            && self
+                .real_parent(node, first.layer)
+                .ok()
+                .and_then(|(d, n)| crate::sys::fs::stat_name(d.as_fd(), &n).ok())
+                .is_some_and(|s| s.st_nlink > 1);
+        let samedir = samedir && !hardlink;
         let relative = match (&names[0], samedir) {
             (Some(n), true) => names
                 .iter()
@@ -332,6 +352,7 @@ impl Overlay {
                 reals: found.reals.clone(),
                 detached: None,
                 metacopy: false,
+                origin: false,
             },
         );
         Ok(self.read_merged(&probe)?.len() <= 2)

@@ -1,0 +1,452 @@
+#!/usr/bin/env python3
+"""Write-side differential suite: every operation on every placement of its target, on kernel
+overlayfs and on stratafs, compared.
+
+Why: the write side (copy-up, whiteouts, opaque directories, redirects, metacopy) must leave
+exactly what kernel overlayfs leaves, both in the merged view and in the upper layer, and the
+two must be able to read each other's upper layers. Each scenario
+
+  1. builds the same layer fixture twice (two lowers and an upper, kernel encodings),
+  2. mounts kernel overlayfs (redirect_dir=on,metacopy=on: the features stratafs writes by
+     default) on one copy and stratafs on the other,
+  3. runs the same shell snippet on both (stdout, stderr and exit codes are compared after the
+     mount paths are normalised),
+  4. compares the merged trees (type, mode, owner, size, link count, content, symlink target,
+     xattrs), then the upper layers (same, with overlay.origin decoded to the lower path it
+     names and overlay.uuid's random value masked),
+  5. swaps: kernel overlayfs mounts stratafs's upper and stratafs mounts the kernel's, and both
+     must show the same merged tree as before.
+
+Usage: python3 fstests/write_suite.py [--binary PATH] [--filter SUBSTR] [-v] [--list]
+Ends with the line "N passed, M failed".
+"""
+
+import argparse
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_OPTS = "redirect_dir=on,metacopy=on"
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+# ---------------------------------------------------------------- fixtures
+
+def _mk(root, rel, content="", mode=0o644):
+    p = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "w") as f:
+        f.write(content)
+    os.chmod(p, mode)
+
+
+def _dir(root, rel, mode=0o755):
+    p = os.path.join(root, rel)
+    os.makedirs(p, exist_ok=True)
+    os.chmod(p, mode)
+
+
+def _whiteout(root, rel):
+    p = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def _opaque(root, rel):
+    _dir(root, rel)
+    os.setxattr(os.path.join(root, rel), "trusted.overlay.opaque", b"y")
+
+
+def base_fixture(top):
+    """Two lower layers and an upper with a bit of everything; placements are named by the
+    target they offer."""
+    l1, l2, u = (os.path.join(top, n) for n in ("l1", "l2", "u"))
+    for d in (l1, l2, u, os.path.join(top, "w")):
+        os.makedirs(d, exist_ok=True)
+    # lower only (bottom layer) / middle layer over bottom / upper over lower / upper only
+    _mk(l2, "lower/f", "lower file\n")
+    _mk(l2, "lower/big", "B" * 200000)
+    _dir(l2, "lower/d")
+    _mk(l2, "lower/d/child", "child\n")
+    os.symlink("f", os.path.join(l2, "lower/sym"))
+    os.mkfifo(os.path.join(l2, "lower/fifo"))
+    _mk(l2, "mid/f", "bottom\n")
+    _mk(l1, "mid/f", "middle\n")
+    _dir(l2, "mid/d")
+    _mk(l2, "mid/d/a", "a\n")
+    _dir(l1, "mid/d")
+    _mk(l1, "mid/d/b", "b\n")
+    _mk(l2, "both/f", "lower version\n")
+    _mk(u, "both/f", "upper version\n")
+    _dir(l2, "both/d")
+    _mk(l2, "both/d/low", "low\n")
+    _dir(u, "both/d")
+    _mk(u, "both/d/up", "up\n")
+    _mk(u, "upper/f", "upper only\n")
+    _dir(u, "upper/d")
+    _mk(u, "upper/d/x", "x\n")
+    _dir(l2, "upper")
+    # a name deleted in the middle layer (whiteout) and a replaced (opaque) directory
+    _mk(l2, "wh/f", "hidden\n")
+    _whiteout(l1, "wh/f")
+    _dir(l2, "wh/d")
+    _mk(l2, "wh/d/gone", "gone\n")
+    _whiteout(l1, "wh/d")
+    _dir(l2, "opq/d")
+    _mk(l2, "opq/d/old", "old\n")
+    _opaque(l1, "opq/d")
+    _mk(l1, "opq/d/f", "in opaque dir\n")
+    # lower hard links
+    _mk(l2, "hl/f", "linked\n")
+    os.link(os.path.join(l2, "hl/f"), os.path.join(l2, "hl/g"))
+    # special modes and owners
+    _mk(l2, "own/f", "owned\n", 0o4755)
+    os.chown(os.path.join(l2, "own/f"), 1234, 5678)
+    _dir(l2, "own/sticky", 0o1777)
+    _dir(l2, "own/sgid", 0o2775)
+    os.chown(os.path.join(l2, "own/sgid"), 0, 4321)
+    _mk(l2, "own/sgid/f", "sgid\n")
+    os.setxattr(os.path.join(l2, "lower/f"), "user.origin", b"lower")
+    # deterministic times
+    for layer in (l1, l2, u):
+        for dirpath, dirnames, filenames in os.walk(layer, topdown=False):
+            for n in filenames + dirnames:
+                p = os.path.join(dirpath, n)
+                os.utime(p, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000),
+                         follow_symlinks=False)
+
+
+# ---------------------------------------------------------------- scenarios
+
+# Placements of a target, as (path of the target, path of its parent directory).
+FILE_PLACES = {
+    "lower": "lower/f",
+    "middle": "mid/f",
+    "upper-over-lower": "both/f",
+    "upper-only": "upper/f",
+    "hardlink": "hl/f",
+    "in-opaque": "opq/d/f",
+    "setuid-owned": "own/f",
+}
+DIR_PLACES = {
+    "lower": "lower/d",
+    "merged": "mid/d",
+    "upper-over-lower": "both/d",
+    "upper-only": "upper/d",
+    "opaque": "opq/d",
+}
+NEW_PLACES = {
+    "in-lower-dir": "lower/new",
+    "in-merged-dir": "mid/d/new",
+    "in-upper-dir": "upper/d/new",
+    "over-whiteout": "wh/f",
+    "over-whiteout-dir": "wh/d",
+    "in-opaque-dir": "opq/d/new",
+    "in-sgid-dir": "own/sgid/new",
+    "in-sticky-dir": "own/sticky/new",
+}
+
+# Only regular files are read: a fifo would block and a device is refused on a nodev mount.
+SHOW = ('stat -c "%n %F %a %u:%g %s %h" {t} 2>&1; '
+        'if [ -f {t} ]; then head -c 300 {t} 2>&1; fi; echo')
+
+FILE_OPS = {
+    "append": "echo appended >> {t}",
+    "overwrite": "printf 'XY' | dd of={t} bs=1 seek=2 conv=notrunc status=none",
+    "truncate-shrink": "truncate -s 3 {t}",
+    "truncate-grow": "truncate -s 70000 {t}",
+    "open-trunc": ": > {t}",
+    "open-rdwr-nowrite": "python3 -c 'import os; os.close(os.open(\"{t}\", os.O_RDWR))'",
+    "chmod": "chmod 600 {t}",
+    "chown": "chown 42:43 {t}",
+    "utimes": "touch -d '2010-01-02 03:04:05' {t}",
+    "setxattr": "setfattr -n user.k -v val {t}",
+    "removexattr": "setfattr -n user.k -v val {t} && setfattr -x user.k {t}",
+    "unlink": "rm {t}",
+    "rename-samedir": "mv {t} {t}.renamed",
+    "rename-otherdir": "mv {t} upper/d/moved",
+    "rename-over-lower-file": "mv {t} lower/f2 2>&1; mv {t} mid/f 2>&1",
+    "link": "ln {t} {t}.link",
+    "link-then-write": "ln {t} {t}.link && echo via-link >> {t}.link",
+    "chmod-then-append": "chmod 640 {t} && echo more >> {t}",
+    "chmod-then-rename-then-append": "chmod 640 {t} && mv {t} {t}.mv && echo more >> {t}.mv",
+    "fallocate": "fallocate -l 100000 {t}",
+    "punch-hole": "fallocate -l 100000 {t} && fallocate -p -o 4096 -l 8192 {t}",
+    "rename-noreplace-exists": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"lower/f\",1); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
+    "rename-exchange": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"upper/f\",2); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
+    "rename-whiteout-flag": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"{t}.w\",4); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
+    "unlink-open-fstat": "python3 -c 'import os; fd=os.open(\"{t}\", os.O_RDWR); os.unlink(\"{t}\"); os.write(fd,b\"z\"); s=os.fstat(fd); print(s.st_nlink, s.st_size)'",
+}
+
+DIR_OPS = {
+    "rmdir-nonempty": "rmdir {t} 2>&1",
+    "rm-rf": "rm -rf {t}",
+    "rm-rf-mkdir": "rm -rf {t} && mkdir {t} && ls -A {t}; ls {t}/child {t}/a {t}/low {t}/f 2>&1",
+    "rm-rf-mkdir-touch": "rm -rf {t} && mkdir {t} && touch {t}/new && ls -A {t}",
+    "rename-samedir": "mv {t} {t}.mv && ls -A {t}.mv",
+    "rename-otherdir": "mv {t} upper/d/moved && ls -A upper/d/moved",
+    "rename-then-modify": "mv {t} {t}.mv && touch {t}.mv/added && rm -f {t}.mv/a {t}.mv/low {t}.mv/child && ls -A {t}.mv",
+    "rename-twice": "mv {t} {t}.1 && mv {t}.1 upper/{t2} && ls -A upper/{t2}",
+    "chmod": "chmod 700 {t}",
+    "chown": "chown 7:8 {t}",
+    "utimes": "touch -d '2011-01-01' {t}",
+    "setxattr": "setfattr -n user.dir -v 1 {t}",
+    "create-child": "echo new > {t}/newchild && ls -A {t}",
+    "mkdir-child": "mkdir {t}/sub && ls -A {t}",
+    "unlink-children": "find {t} -mindepth 1 -maxdepth 1 -type f -delete && ls -A {t}",
+    "rename-over-empty-dir": "mkdir -p upper/empty && mv {t} upper/empty 2>&1; ls -A upper/empty 2>&1",
+    "rename-exchange-with-file": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"lower/f\",2); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
+}
+
+NEW_OPS = {
+    "create": "echo created > {t}",
+    "mkdir": "mkdir {t} && ls -A {t}",
+    "mkfifo": "mkfifo -m 640 {t}",
+    "mknod-chr": "mknod -m 600 {t} c 1 3",
+    "symlink": "ln -s /some/target {t}",
+    "link-lower": "ln lower/f {t}",
+    "create-excl-twice": "python3 -c 'import os; os.close(os.open(\"{t}\", os.O_CREAT|os.O_EXCL|os.O_WRONLY, 0o640))' && python3 -c 'import os; os.open(\"{t}\", os.O_CREAT|os.O_EXCL|os.O_WRONLY)' 2>&1 | tail -1",
+    "mkdir-setgid-mode": "mkdir -m 2750 {t}",
+}
+
+
+def scenarios():
+    out = []
+    for (pname, path) in FILE_PLACES.items():
+        for (oname, op) in FILE_OPS.items():
+            out.append((f"file/{oname}@{pname}", op.format(t=path) + "; " + SHOW.format(t=path)))
+    for (pname, path) in DIR_PLACES.items():
+        for (oname, op) in DIR_OPS.items():
+            t2 = path.replace("/", "_")
+            out.append((f"dir/{oname}@{pname}", op.format(t=path, t2=t2) + "; " + SHOW.format(t=path)))
+    for (pname, path) in NEW_PLACES.items():
+        for (oname, op) in NEW_OPS.items():
+            out.append((f"new/{oname}@{pname}", op.format(t=path) + "; " + SHOW.format(t=path)))
+    return out
+
+
+# ---------------------------------------------------------------- mounts
+
+def is_mounted(path):
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == real for line in f)
+
+
+def unmount(path):
+    for cmd in (["umount", path], ["umount", "-l", path]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, stderr=subprocess.DEVNULL)
+
+
+def mount_kernel(top, upper, work, mnt):
+    opts = f"lowerdir={top}/l1:{top}/l2,upperdir={upper},workdir={work},{KERNEL_OPTS}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], check=True,
+                   stderr=subprocess.PIPE)
+
+
+def mount_strata(binary, top, upper, work, mnt):
+    opts = f"lowerdir={top}/l1:{top}/l2,upperdir={upper},workdir={work}"
+    subprocess.run([binary, "-o", opts, mnt], check=True, stderr=subprocess.PIPE, timeout=20)
+
+
+# ---------------------------------------------------------------- comparison
+
+class FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 128)]
+
+
+def file_handle(path):
+    fh = FileHandle()
+    fh.handle_bytes = 128
+    mount_id = ctypes.c_int()
+    r = libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(fh), ctypes.byref(mount_id),
+                               0x100)  # AT_SYMLINK_NOFOLLOW
+    if r != 0:
+        return None
+    return (fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes]))
+
+
+def handle_map(top):
+    """(handle type, handle bytes) -> 'lN:/path' for every object of the lower layers."""
+    out = {}
+    for layer in ("l1", "l2"):
+        root = os.path.join(top, layer)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in [""] + dirnames + filenames:
+                p = os.path.join(dirpath, n) if n else dirpath
+                h = file_handle(p)
+                if h:
+                    out[h] = f"{layer}:/" + os.path.relpath(p, root)
+    return out
+
+
+def describe_xattr(name, value, handles):
+    if name.endswith("overlay.origin") and len(value) >= 21:
+        key = (value[4], bytes(value[21:]))
+        return f"{name}=<origin {handles.get(key, 'unknown')}>"
+    if name.endswith("overlay.uuid"):
+        return f"{name}=<uuid>"
+    return f"{name}={value!r}"
+
+
+def snapshot(root, handles=None):
+    """path -> description of every object under root (not following symlinks)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for n in [""] + dirnames + sorted(filenames):
+            p = os.path.join(dirpath, n) if n else dirpath
+            rel = os.path.relpath(p, root)
+            try:
+                st = os.lstat(p)
+            except OSError as e:
+                out[rel] = f"lstat error {e.errno}"
+                continue
+            d = [stat.filemode(st.st_mode), f"{st.st_uid}:{st.st_gid}", f"nlink={st.st_nlink}"]
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    d.append(f"size={st.st_size} sha={hashlib.sha256(f.read()).hexdigest()[:12]}")
+            elif stat.S_ISLNK(st.st_mode):
+                d.append("-> " + os.readlink(p))
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                d.append(f"rdev={os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+            if not stat.S_ISDIR(st.st_mode):
+                d.append(f"mtime={st.st_mtime_ns}" if st.st_mtime_ns < 2_000_000_000_000_000_000 else "")
+            try:
+                names = sorted(os.listxattr(p, follow_symlinks=False))
+            except OSError:
+                names = []
+            for name in names:
+                if name == "security.selinux":
+                    continue
+                try:
+                    v = os.getxattr(p, name, follow_symlinks=False)
+                except OSError as e:
+                    v = f"<errno {e.errno}>".encode()
+                d.append(describe_xattr(name, v, handles or {}))
+            out[rel] = " ".join(x for x in d if x)
+    return out
+
+
+def diff(a, b, label, limit=12):
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            lines.append(f"  {label} {k}: kernel={a.get(k)} stratafs={b.get(k)}")
+    return lines[:limit] + ([f"  ... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+# ---------------------------------------------------------------- running
+
+def run_ops(mnt, script):
+    p = subprocess.run(["bash", "-c", script], cwd=mnt, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "LC_ALL": "C"})
+    text = (p.stdout + p.stderr).replace(mnt, "MNT")
+    return f"{text}exit={p.returncode}"
+
+
+def scrub_mtimes(snap):
+    """Operations that stamp the current time make mtimes differ between the two runs."""
+    return {k: " ".join(w for w in v.split() if not w.startswith("mtime=")) for k, v in snap.items()}
+
+
+def run_scenario(binary, tmp, name, script, verbose):
+    k = os.path.join(tmp, "k")
+    s = os.path.join(tmp, "s")
+    problems = []
+    for top in (k, s):
+        base_fixture(top)
+        os.makedirs(os.path.join(top, "m"))
+    mk, ms = os.path.join(k, "m"), os.path.join(s, "m")
+    try:
+        mount_kernel(k, f"{k}/u", f"{k}/w", mk)
+        mount_strata(binary, s, f"{s}/u", f"{s}/w", ms)
+        out_k = run_ops(mk, script)
+        out_s = run_ops(ms, script)
+        if out_k != out_s:
+            problems.append(f"  output: kernel={out_k!r}\n          stratafs={out_s!r}")
+        merged_k, merged_s = scrub_mtimes(snapshot(mk)), scrub_mtimes(snapshot(ms))
+        problems += diff(merged_k, merged_s, "merged")
+    finally:
+        unmount(mk)
+        unmount(ms)
+    upper_k = scrub_mtimes(snapshot(f"{k}/u", handle_map(k)))
+    upper_s = scrub_mtimes(snapshot(f"{s}/u", handle_map(s)))
+    problems += diff(upper_k, upper_s, "upper")
+    # Interoperability: each mounts the other's upper layer.
+    if not problems:
+        for top in (k, s):
+            shutil.rmtree(f"{top}/w")
+            os.makedirs(f"{top}/w")
+        try:
+            mount_kernel(s, f"{s}/u", f"{s}/w", ms)
+            mount_strata(binary, k, f"{k}/u", f"{k}/w", mk)
+            cross_k, cross_s = scrub_mtimes(snapshot(ms)), scrub_mtimes(snapshot(mk))
+            problems += diff(merged_k, cross_k, "kernel-on-stratafs-upper")
+            problems += diff(merged_k, cross_s, "stratafs-on-kernel-upper")
+        except subprocess.CalledProcessError as e:
+            problems.append(f"  interop mount failed: {e.stderr}")
+        finally:
+            unmount(mk)
+            unmount(ms)
+    if verbose and not problems:
+        print(f"  {out_k.strip()}")
+    return problems
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=os.path.join(REPO, "target/release/stratafs"))
+    ap.add_argument("--filter", default="")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    todo = [(n, s) for (n, s) in scenarios() if args.filter in n]
+    if args.list:
+        for n, _ in todo:
+            print(n)
+        print(f"{len(todo)} scenarios")
+        return 0
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists(args.binary):
+        print("SKIP write suite: needs root, /dev/fuse and the stratafs binary")
+        print(f"0 passed, 0 failed, {len(todo)} skipped")
+        return 0
+    passed = failed = 0
+    started = time.time()
+    for name, script in todo:
+        tmp = tempfile.mkdtemp(prefix="fsw-")
+        signal.alarm(120)
+        try:
+            problems = run_scenario(args.binary, tmp, name, script, args.verbose)
+        except Exception as e:  # a broken scenario is a failure, not a crash of the suite
+            problems = [f"  error: {type(e).__name__}: {e}"]
+        finally:
+            signal.alarm(0)
+            for m in (f"{tmp}/k/m", f"{tmp}/s/m"):
+                unmount(m)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if problems:
+            failed += 1
+            print(f"FAIL {name}")
+            print("\n".join(problems))
+        else:
+            passed += 1
+            print(f"PASS {name}")
+    print(f"write suite: {len(todo)} scenarios in {time.time() - started:.0f} s")
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,20 +22,18 @@ Ends with the line "N passed, M failed".
 """
 
 import argparse
-import ctypes
-import hashlib
+import dataclasses
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import diff, run_ops, scrub_mtimes, snapshot, unmount  # noqa: E402
+
 KERNEL_OPTS = "redirect_dir=on,metacopy=on"
-libc = ctypes.CDLL(None, use_errno=True)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -115,13 +113,8 @@ def base_fixture(top):
     os.chown(os.path.join(l2, "own/sgid"), 0, 4321)
     _mk(l2, "own/sgid/f", "sgid\n")
     os.setxattr(os.path.join(l2, "lower/f"), "user.origin", b"lower")
-    # deterministic times
     for layer in (l1, l2, u):
-        for dirpath, dirnames, filenames in os.walk(layer, topdown=False):
-            for n in filenames + dirnames:
-                p = os.path.join(dirpath, n)
-                os.utime(p, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000),
-                         follow_symlinks=False)
+        common.stamp_times(layer)
 
 
 # ---------------------------------------------------------------- scenarios
@@ -235,130 +228,20 @@ def scenarios():
 
 # ---------------------------------------------------------------- mounts
 
-def is_mounted(path):
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ")[4] == real for line in f)
-
-
-def unmount(path):
-    for cmd in (["umount", path], ["umount", "-l", path]):
-        if not is_mounted(path):
-            return
-        subprocess.run(cmd, stderr=subprocess.DEVNULL)
+def lowers(top):
+    return [f"{top}/l1", f"{top}/l2"]
 
 
 def mount_kernel(top, upper, work, mnt):
-    opts = f"lowerdir={top}/l1:{top}/l2,upperdir={upper},workdir={work},{KERNEL_OPTS}"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], check=True,
-                   stderr=subprocess.PIPE)
+    common.mount_kernel(lowers(top), upper, work, mnt, KERNEL_OPTS)
 
 
 def mount_strata(binary, top, upper, work, mnt):
-    opts = f"lowerdir={top}/l1:{top}/l2,upperdir={upper},workdir={work}"
-    subprocess.run([binary, "-o", opts, mnt], check=True, stderr=subprocess.PIPE, timeout=20)
-
-
-# ---------------------------------------------------------------- comparison
-
-class FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * 128)]
-
-
-def file_handle(path):
-    fh = FileHandle()
-    fh.handle_bytes = 128
-    mount_id = ctypes.c_int()
-    r = libc.name_to_handle_at(-100, os.fsencode(path), ctypes.byref(fh), ctypes.byref(mount_id),
-                               0x100)  # AT_SYMLINK_NOFOLLOW
-    if r != 0:
-        return None
-    return (fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes]))
+    common.mount_strata(binary, lowers(top), upper, work, mnt)
 
 
 def handle_map(top):
-    """(handle type, handle bytes) -> 'lN:/path' for every object of the lower layers."""
-    out = {}
-    for layer in ("l1", "l2"):
-        root = os.path.join(top, layer)
-        for dirpath, dirnames, filenames in os.walk(root):
-            for n in [""] + dirnames + filenames:
-                p = os.path.join(dirpath, n) if n else dirpath
-                h = file_handle(p)
-                if h:
-                    out[h] = f"{layer}:/" + os.path.relpath(p, root)
-    return out
-
-
-def describe_xattr(name, value, handles):
-    if name.endswith("overlay.origin") and len(value) >= 21:
-        key = (value[4], bytes(value[21:]))
-        return f"{name}=<origin {handles.get(key, 'unknown')}>"
-    if name.endswith("overlay.uuid"):
-        return f"{name}=<uuid>"
-    return f"{name}={value!r}"
-
-
-def snapshot(root, handles=None):
-    """path -> description of every object under root (not following symlinks)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for n in [""] + dirnames + sorted(filenames):
-            p = os.path.join(dirpath, n) if n else dirpath
-            rel = os.path.relpath(p, root)
-            try:
-                st = os.lstat(p)
-            except OSError as e:
-                out[rel] = f"lstat error {e.errno}"
-                continue
-            d = [stat.filemode(st.st_mode), f"{st.st_uid}:{st.st_gid}", f"nlink={st.st_nlink}"]
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    d.append(f"size={st.st_size} sha={hashlib.sha256(f.read()).hexdigest()[:12]}")
-            elif stat.S_ISLNK(st.st_mode):
-                d.append("-> " + os.readlink(p))
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                d.append(f"rdev={os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-            if not stat.S_ISDIR(st.st_mode):
-                d.append(f"mtime={st.st_mtime_ns}" if st.st_mtime_ns < 2_000_000_000_000_000_000 else "")
-            try:
-                names = sorted(os.listxattr(p, follow_symlinks=False))
-            except OSError:
-                names = []
-            for name in names:
-                if name == "security.selinux":
-                    continue
-                try:
-                    v = os.getxattr(p, name, follow_symlinks=False)
-                except OSError as e:
-                    v = f"<errno {e.errno}>".encode()
-                d.append(describe_xattr(name, v, handles or {}))
-            out[rel] = " ".join(x for x in d if x)
-    return out
-
-
-def diff(a, b, label, limit=12):
-    lines = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            lines.append(f"  {label} {k}: kernel={a.get(k)} stratafs={b.get(k)}")
-    return lines[:limit] + ([f"  ... {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
-# ---------------------------------------------------------------- running
-
-def run_ops(mnt, script):
-    p = subprocess.run(["bash", "-c", script], cwd=mnt, capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "LC_ALL": "C"})
-    text = (p.stdout + p.stderr).replace(mnt, "MNT")
-    return f"{text}exit={p.returncode}"
-
-
-def scrub_mtimes(snap):
-    """Operations that stamp the current time make mtimes differ between the two runs."""
-    return {k: " ".join(w for w in v.split() if not w.startswith("mtime=")) for k, v in snap.items()}
+    return common.handle_map({"l1": f"{top}/l1", "l2": f"{top}/l2"})
 
 
 def run_scenario(binary, tmp, name, script, verbose):
@@ -405,47 +288,33 @@ def run_scenario(binary, tmp, name, script, verbose):
     return problems
 
 
+@dataclasses.dataclass
+class Scenario:
+    name: str
+    script: str
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--binary", default=os.path.join(REPO, "target/release/stratafs"))
+    ap.add_argument("--binary", default=common.DEFAULT_BINARY)
     ap.add_argument("--filter", default="")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
-    todo = [(n, s) for (n, s) in scenarios() if args.filter in n]
+    todo = [Scenario(n, s) for (n, s) in scenarios() if args.filter in n]
     if args.list:
-        for n, _ in todo:
-            print(n)
+        for sc in todo:
+            print(sc.name)
         print(f"{len(todo)} scenarios")
         return 0
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not os.path.exists(args.binary):
-        print("SKIP write suite: needs root, /dev/fuse and the stratafs binary")
-        print(f"0 passed, 0 failed, {len(todo)} skipped")
-        return 0
-    passed = failed = 0
-    started = time.time()
-    for name, script in todo:
-        tmp = tempfile.mkdtemp(prefix="fsw-")
-        signal.alarm(120)
-        try:
-            problems = run_scenario(args.binary, tmp, name, script, args.verbose)
-        except Exception as e:  # a broken scenario is a failure, not a crash of the suite
-            problems = [f"  error: {type(e).__name__}: {e}"]
-        finally:
-            signal.alarm(0)
-            for m in (f"{tmp}/k/m", f"{tmp}/s/m"):
-                unmount(m)
-            shutil.rmtree(tmp, ignore_errors=True)
-        if problems:
-            failed += 1
-            print(f"FAIL {name}")
-            print("\n".join(problems))
-        else:
-            passed += 1
-            print(f"PASS {name}")
-    print(f"write suite: {len(todo)} scenarios in {time.time() - started:.0f} s")
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 else 1
+    if not common.can_run(args.binary):
+        print("write suite needs root, /dev/fuse and the stratafs binary")
+        print(f"0 passed, {len(todo)} failed")
+        return 1
+    failed = common.run_suite(
+        "write suite", todo,
+        lambda tmp, sc: run_scenario(args.binary, tmp, sc.name, sc.script, args.verbose))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

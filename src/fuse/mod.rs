@@ -487,11 +487,20 @@ impl Filesystem for OverlayFs {
                         break;
                     }
                 }
-                // Vanished since the listing was made: leave it out.
-                Err(Error::NotFound) => continue,
+                // Vanished since the listing was made, or not to be looked up (a refused
+                // redirect): still listed, like the kernel's cached listing, as an inode that
+                // is not cached, so that the next lookup reports what is wrong.
                 Err(err) => {
-                    Self::fail("readdirplus lookup", &err);
-                    continue;
+                    if !matches!(err, Error::NotFound) {
+                        Self::fail("readdirplus lookup", &err);
+                    }
+                    let entry = self.ovl.vanished_entry(&dir, e);
+                    let attr = file_attr(&entry.stat);
+                    let generation = Generation(entry.node.generation);
+                    if reply.add(attr.ino, next, &e.name, &Duration::ZERO, &attr, generation) {
+                        self.ovl.forget(entry.node.ino, 1);
+                        break;
+                    }
                 }
             }
         }

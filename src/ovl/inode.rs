@@ -160,7 +160,8 @@ impl Node {
             .reals
             .first()
             .cloned()
-            .ok_or(Error::Internal("node without a real object"))
+            // Only placeholders for vanished names have none.
+            .ok_or(Error::NotFound)
     }
 
     /// Where the node's real object in `layer` is (its own name when not recorded).
@@ -253,6 +254,24 @@ impl InodeTable {
             }
             None => {
                 let node = Arc::new(candidate);
+                map.insert(node.ino, node.clone());
+                node
+            }
+        };
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// The node to hand out for a name a directory stream listed but that is gone now:
+    /// the live node with that number if there is one, else a dead placeholder, so that the
+    /// kernel's reference is counted and later requests on it fail cleanly. Counts one lookup.
+    pub fn get_or_insert_ghost(&self, ghost: Node) -> Arc<Node> {
+        let mut map = self.map_mut();
+        let node = match map.get(&ghost.ino) {
+            Some(existing) => existing.clone(),
+            None => {
+                ghost.dead.store(true, Ordering::Relaxed);
+                let node = Arc::new(ghost);
                 map.insert(node.ino, node.clone());
                 node
             }

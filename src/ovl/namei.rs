@@ -126,11 +126,21 @@ impl Overlay {
                 impure: markers.impure,
                 loc: target.clone(),
             });
-            let redirect = if self.cfg.redirect_dir.follow() {
+            // Redirects matter only with layers left below (kernel: not `d.last`); without
+            // redirect_dir=follow the kernel does not guess where the directory came from but
+            // refuses the lookup ("refusing to follow redirect").
+            let more_below = i < candidates.len() || self.cfg.redirect_dir.follow();
+            let redirect = if more_below && !markers.opaque {
                 whiteout::redirect(fd.as_fd()).map_err(|e| Error::io("read redirect", e))?
             } else {
                 None
             };
+            if redirect.is_some() && !self.cfg.redirect_dir.follow() {
+                return Err(Error::io(
+                    "lookup",
+                    std::io::Error::from_raw_os_error(libc::EPERM),
+                ));
+            }
             dir_fds.push((pr.layer, fd));
             if markers.opaque {
                 break;

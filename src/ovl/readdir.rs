@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustix::fs::FileType;
 
 use crate::error::{Error, Result};
-use crate::ovl::inode::{Ino, Node};
-use crate::ovl::{Overlay, whiteout};
+use crate::ovl::inode::{Ino, Node, NodeState};
+use crate::ovl::{Entry, Overlay, whiteout};
 use crate::sys;
 
 /// One entry of a merged listing.
@@ -111,6 +111,32 @@ impl Overlay {
             }
         };
         Ok((handle.node.clone(), entries))
+    }
+
+    /// What a directory stream shows for entry `e` of `dir` whose name is gone since the
+    /// listing was made: kernel overlayfs keeps returning such names from its per-stream
+    /// cache, so readdirplus returns them too, as an inode that cannot be used (zero cache
+    /// time; every request on it fails with ENOENT). Counts one kernel lookup.
+    pub fn vanished_entry(&self, dir: &Arc<Node>, e: &DirEntry) -> Entry {
+        let ghost = Node::new(
+            e.ino,
+            e.file_type,
+            NodeState {
+                parent: Some(dir.clone()),
+                name: e.name.clone(),
+                reals: Vec::new(),
+                detached: None,
+                metacopy: false,
+                origin: false,
+            },
+        );
+        let node = self.inodes.get_or_insert_ghost(ghost);
+        // Only the number, the type and one link mean anything.
+        let mut stat = sys::fs::zeroed_stat();
+        stat.st_ino = e.ino.0;
+        stat.st_mode = e.file_type.as_raw_mode();
+        stat.st_nlink = 1;
+        Entry { node, stat }
     }
 
     /// Builds the merged listing of `dir`: `.` and `..` first, then each name once (the top

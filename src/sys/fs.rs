@@ -573,3 +573,10 @@ pub fn random_uuid() -> [u8; 16] {
     b[8] = (b[8] & 0x3f) | 0x80;
     b
 }
+
+/// A `stat` with every field zero, for attributes made up rather than read (an entry that
+/// no longer exists).
+pub fn zeroed_stat() -> Stat {
+    // SAFETY: `Stat` is a plain C struct of integers, for which all-zero bytes are valid.
+    unsafe { std::mem::zeroed() }
+}

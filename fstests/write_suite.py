@@ -128,6 +128,11 @@ FILE_PLACES = {
     "hardlink": "hl/f",
     "in-opaque": "opq/d/f",
     "setuid-owned": "own/f",
+    # (setup, target): the target reached through an earlier operation
+    "in-renamed-merged-dir": ("mv mid/d mid/dd", "mid/dd/a"),
+    "in-lower-dir-moved-away": ("mv lower/d upper/d/moved", "upper/d/moved/child"),
+    "renamed-lower-file": ("mv lower/f lower/f.r", "lower/f.r"),
+    "recreated-over-whiteout": ("echo recreated > wh/f", "wh/f"),
 }
 DIR_PLACES = {
     "lower": "lower/d",
@@ -135,6 +140,8 @@ DIR_PLACES = {
     "upper-over-lower": "both/d",
     "upper-only": "upper/d",
     "opaque": "opq/d",
+    "renamed-merged": ("mv mid/d mid/dd", "mid/dd"),
+    "recreated-over-whiteout": ("mkdir wh/d && touch wh/d/x", "wh/d"),
 }
 NEW_PLACES = {
     "in-lower-dir": "lower/new",
@@ -145,6 +152,7 @@ NEW_PLACES = {
     "in-opaque-dir": "opq/d/new",
     "in-sgid-dir": "own/sgid/new",
     "in-sticky-dir": "own/sticky/new",
+    "in-renamed-dir": ("mv mid/d mid/dd", "mid/dd/new"),
 }
 
 # Only regular files are read: a fifo would block and a device is refused on a nodev mount.
@@ -176,6 +184,10 @@ FILE_OPS = {
     "rename-noreplace-exists": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"lower/f\",1); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
     "rename-exchange": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"upper/f\",2); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
     "rename-whiteout-flag": "python3 -c 'import ctypes,os; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,b\"{t}\",-100,b\"{t}.w\",4); print(r, os.strerror(ctypes.get_errno()) if r else \"\")'",
+    "mmap-shared-write": "python3 -c 'import mmap,os; fd=os.open(\"{t}\", os.O_RDWR); m=mmap.mmap(fd, 4); m[0:2]=b\"MM\"; m.flush(); m.close(); os.close(fd)'",
+    "flock-and-posix-lock": "python3 -c 'import fcntl,os; fd=os.open(\"{t}\", os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); fcntl.lockf(fd, fcntl.LOCK_EX); os.write(fd, b\"L\"); pid=os.fork(); exec(\"if pid == 0:\\n  fd2=os.open(\\\"{t}\\\", os.O_RDWR)\\n  try: fcntl.lockf(fd2, fcntl.LOCK_EX|fcntl.LOCK_NB); print(\\\"got lock\\\")\\n  except OSError as e: print(\\\"lock busy\\\", e.errno)\\n  os._exit(0)\"); os.waitpid(pid, 0) if pid else None'",
+    "touch-mtime-only": "touch -m -d '2012-03-04' {t} && stat -c '%y' {t} | cut -c1-4",
+    "touch-atime-only": "touch -a -d '2012-03-04' {t} && stat -c '%x %y' {t} | cut -c1-4,37-40",
     "unlink-open-fstat": "python3 -c 'import os; fd=os.open(\"{t}\", os.O_RDWR); os.unlink(\"{t}\"); os.write(fd,b\"z\"); s=os.fstat(fd); print(s.st_nlink, s.st_size)'",
 }
 
@@ -213,16 +225,16 @@ NEW_OPS = {
 
 def scenarios():
     out = []
-    for (pname, path) in FILE_PLACES.items():
-        for (oname, op) in FILE_OPS.items():
-            out.append((f"file/{oname}@{pname}", op.format(t=path) + "; " + SHOW.format(t=path)))
-    for (pname, path) in DIR_PLACES.items():
-        for (oname, op) in DIR_OPS.items():
+    for kind, places, ops in (("file", FILE_PLACES, FILE_OPS), ("dir", DIR_PLACES, DIR_OPS),
+                              ("new", NEW_PLACES, NEW_OPS)):
+        for (pname, place) in places.items():
+            setup, path = place if isinstance(place, tuple) else ("", place)
             t2 = path.replace("/", "_")
-            out.append((f"dir/{oname}@{pname}", op.format(t=path, t2=t2) + "; " + SHOW.format(t=path)))
-    for (pname, path) in NEW_PLACES.items():
-        for (oname, op) in NEW_OPS.items():
-            out.append((f"new/{oname}@{pname}", op.format(t=path) + "; " + SHOW.format(t=path)))
+            for (oname, op) in ops.items():
+                script = op.format(t=path, t2=t2) + "; " + SHOW.format(t=path)
+                if setup:
+                    script = f"{setup} && {{ {script}; }}"
+                out.append((f"{kind}/{oname}@{pname}", script))
     return out
 
 

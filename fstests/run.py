@@ -8,6 +8,7 @@ Suites (each a separate program, each ending with "N passed, M failed"):
   read       read_suite.py: merged views, differential against kernel overlayfs
   write      write_suite.py: every operation on every placement, differential, plus
              interoperability of the upper layers both ways
+  interop    interop_fuse_overlayfs.py: uppers written by fuse-overlayfs read by stratafs
   fsx        fsx.py: random-operation data-integrity exerciser against an in-memory model
   crash      crashloop.py: SIGKILL of the daemon mid copy-up/rename/whiteout, then checks
 
@@ -29,6 +30,7 @@ import common  # noqa: E402
 SUITES = {
     "read": "read_suite.py",
     "write": "write_suite.py",
+    "interop": "interop_fuse_overlayfs.py",
     "fsx": "fsx.py",
     "crash": "crashloop.py",
 }

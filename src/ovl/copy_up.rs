@@ -7,7 +7,7 @@
 //! the next mount empties the workdir. Parents are copied up first, with their own metadata.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use tracing::debug;
 use crate::error::{Error, Result};
 use crate::ovl::inode::{Node, Real};
 use crate::ovl::layer::LayerIdx;
-use crate::ovl::{Overlay, vfs, whiteout};
+use crate::ovl::{Overlay, index, vfs, whiteout};
 use crate::sys;
 use crate::sys::fs::TimeSpec;
 
@@ -152,13 +152,22 @@ impl Overlay {
         // A lower hard link copied up without an index records no origin (its other names
         // stay below; kernel ovl_copy_up_one).
         let hardlink = file_type != FileType::Directory && st.st_nlink > 1;
-        let origin = match hardlink {
+        let index_dir = self.index_for(file_type, st.st_nlink);
+        let origin = match hardlink && index_dir.is_none() {
             true => None,
             false => whiteout::encode_origin(src_obj.as_fd(), &lower_uuid),
         };
+        // With index=on a lower hard link is copied into the index once; every name then
+        // links to that copy.
+        let index = index_dir.zip(origin.as_deref().map(index::entry_name));
+        if let Some((dir, entry)) = &index {
+            if self.link_up(node, &parent, upper_dir.as_fd(), &name, dir, entry, &st)? {
+                return Ok(());
+            }
+        }
         // The data of a metadata-only copy is found again by path (or redirect), as the
         // kernel does, so it needs no origin.
-        let meta = meta && file_type == FileType::RegularFile;
+        let meta = meta && file_type == FileType::RegularFile && index.is_none();
         let work = upper.work.as_fd();
         let mut tmp = TempGuard::new(work, upper.tmp_name());
         debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size, meta);
@@ -199,6 +208,17 @@ impl Overlay {
             vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("metacopy"), b"", 0)?;
         }
         copy_attrs(work, tmp.name(), &st)?;
+        if let Some((dir, entry)) = &index {
+            // Into the index first (its link count still that of the lower file), then
+            // linked into place: a crash in between leaves a valid index entry.
+            vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("nlink"), b"L+0", 0)?;
+            vfs::do_rename(work, tmp.name(), dir.as_fd(), entry, RENAME_NOREPLACE)?;
+            tmp.disarm();
+            if self.link_up(node, &parent, upper_dir.as_fd(), &name, dir, entry, &st)? {
+                return Ok(());
+            }
+            return Err(Error::Internal("index entry vanished during copy-up"));
+        }
         let upper_st =
             sys::fs::stat_fd(dst_obj.as_fd()).map_err(|e| Error::io("copy-up stat", e))?;
         vfs::do_rename(work, tmp.name(), upper_dir.as_fd(), &name, RENAME_NOREPLACE)?;
@@ -232,6 +252,56 @@ impl Overlay {
             self.mark_has_origin(upper_st.st_ino);
         }
         Ok(())
+    }
+}
+
+impl Overlay {
+    /// With `index=on`: links the index copy `entry` of lower hard link `node` into the upper
+    /// layer at `name` under `upper_dir` (kernel `ovl_link_up`), keeping the overlay link
+    /// count. Returns false when there is no index copy yet.
+    #[allow(clippy::too_many_arguments)]
+    fn link_up(
+        &self,
+        node: &Arc<Node>,
+        parent: &Arc<Node>,
+        upper_dir: BorrowedFd<'_>,
+        name: &OsStr,
+        index_dir: &OwnedFd,
+        entry: &OsStr,
+        lower: &Stat,
+    ) -> Result<bool> {
+        let copy = match sys::fs::open_path(index_dir.as_fd(), entry) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
+            Err(e) => return Err(Error::io("open index entry", e)),
+        };
+        let copy_st = sys::fs::stat_fd(copy.as_fd()).map_err(|e| Error::io("stat", e))?;
+        let nlink = self.indexed_nlink(copy.as_fd(), copy_st.st_nlink, lower.st_nlink)?;
+        debug!(target: "stratafs::upper", op = "link_up", ?name, ?entry);
+        match vfs::do_link(index_dir.as_fd(), entry, upper_dir, name) {
+            Ok(()) => {}
+            // Linked up already by name (a rename or replacement of this very name).
+            Err(e)
+                if e.errno() == libc::EEXIST
+                    && sys::fs::stat_name(upper_dir, name)
+                        .is_ok_and(|s| s.st_ino == copy_st.st_ino) => {}
+            Err(e) => return Err(e),
+        }
+        self.set_impure(parent, upper_dir)?;
+        self.store_nlink(copy.as_fd(), nlink)?;
+        {
+            let mut state = node.state_mut();
+            state.reals.insert(0, Real::at(LayerIdx::UPPER));
+            state.reals.truncate(2);
+            state.metacopy = false;
+            state.origin = true;
+            state.indexed = true;
+            state.index_copy = None;
+        }
+        self.record_origin(copy_st.st_ino, node.ino);
+        self.mark_has_origin(copy_st.st_ino);
+        self.invalidate_attrs(node.ino);
+        Ok(true)
     }
 }
 

@@ -234,7 +234,10 @@ impl Overlay {
             ));
         }
         self.copy_up(parent)?;
-        self.remove_entry(parent, name, &found, false)
+        let found = self.prepare_indexed_name(parent, name, found)?;
+        self.unlink_indexed(parent, name, &found, || {
+            self.remove_entry(parent, name, &found, false)
+        })
     }
 
     /// Removes the empty directory `name` from `parent` (kernel `ovl_rmdir`).
@@ -255,6 +258,8 @@ impl Overlay {
                 detached: None,
                 metacopy: false,
                 origin: false,
+                index_copy: None,
+                indexed: false,
             },
         );
         if self.read_merged(&probe)?.len() > 2 {

@@ -91,7 +91,11 @@ impl Overlay {
         let ro = flags & OFlags::RWMODE == OFlags::RDONLY;
         // Reads of a metadata-only copy come from the lower data file.
         let top = if ro { node.data_real()? } else { node.top()? };
-        if let Some(fd) = node.state().detached.clone() {
+        let detached = {
+            let st = node.state();
+            st.detached.clone().or_else(|| st.index_copy.clone())
+        };
+        if let Some(fd) = detached {
             let f = sys::fs::reopen(fd.as_fd(), flags).map_err(|e| Error::io("open", e))?;
             return Ok((f, top.layer));
         }

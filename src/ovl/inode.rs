@@ -88,6 +88,13 @@ pub struct NodeState {
     pub metacopy: bool,
     /// The upper copy records an `overlay.origin` (kernel `OVL_TYPE_ORIGIN` for non-dirs).
     pub origin: bool,
+    /// With `index=on`: the upper copy of this lower hard link, reachable only through the
+    /// index so far (none of its names is in the upper layer): attributes and data come from
+    /// it.
+    pub index_copy: Option<Arc<OwnedFd>>,
+    /// With `index=on`: a hard link recorded in the index, whose link count is the one its
+    /// `overlay.nlink` xattr keeps (kernel `OVL_INDEX`).
+    pub indexed: bool,
 }
 
 /// A merged object the kernel holds a reference to.

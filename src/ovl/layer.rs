@@ -56,6 +56,8 @@ pub struct Layers {
     slots: Vec<Option<Layer>>,
     /// `workdir/work`, emptied at mount; where copy-ups are prepared.
     pub work: Option<OwnedFd>,
+    /// `workdir/index` with `index=on`: upper copies of lower hard links, by origin.
+    pub index: Option<OwnedFd>,
     /// How many distinct filesystems the layers sit on.
     pub fs_count: u16,
 }
@@ -63,6 +65,8 @@ pub struct Layers {
 /// Name of our private directory inside `workdir=` (the same as the kernel's and
 /// fuse-overlayfs's, so that a workdir can move between them).
 const WORK_SUBDIR: &str = "work";
+/// The kernel's inode index directory inside `workdir=` (`index=on`).
+const INDEX_SUBDIR: &str = "index";
 
 impl Layers {
     /// Opens and checks every layer of `cfg` for a mount on `mountpoint`.
@@ -90,6 +94,7 @@ impl Layers {
 
         let mut slots = Vec::with_capacity(cfg.lowerdirs.len() + 1);
         let mut work = None;
+        let mut index = None;
         match &cfg.upperdir {
             Some(upper) => {
                 let (root, dev, canon) = open_layer_root("upperdir", upper, &mnt)?;
@@ -116,6 +121,14 @@ impl Layers {
                         source,
                     }
                 })?);
+                if cfg.index && !cfg.read_only {
+                    index = Some(open_index_dir(work_root.as_fd()).map_err(|source| {
+                        SetupError::Workdir {
+                            path: workdir.clone(),
+                            source,
+                        }
+                    })?);
+                }
                 slots.push(Some(Layer {
                     idx: LayerIdx::UPPER,
                     root: Arc::new(root),
@@ -142,6 +155,7 @@ impl Layers {
         Ok(Layers {
             slots,
             work,
+            index,
             fs_count: devs.len() as u16,
         })
     }
@@ -204,6 +218,18 @@ fn canonical(path: &Path) -> io::Result<PathBuf> {
         return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
     }
     Ok(canon)
+}
+
+/// Opens `workdir/index` (the kernel's name), creating it (mode 0700) if needed; unlike
+/// `work` it is kept across mounts.
+fn open_index_dir(workdir: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let name = OsStr::new(INDEX_SUBDIR);
+    match sys::fs::make_dir(workdir, name, 0o700) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e),
+    }
+    sys::fs::open_dir_path(workdir, name)
 }
 
 /// Creates `workdir/work` (mode 0700) and empties it: whatever a killed daemon left there is

@@ -9,6 +9,7 @@
 pub mod copy_up;
 pub mod dir;
 pub mod file;
+pub mod index;
 pub mod inode;
 pub mod layer;
 pub mod namei;
@@ -97,13 +98,15 @@ pub struct UpperCtx {
     /// Write `.wh.NAME` files instead of 0/0 character devices (mknod refused, or
     /// `FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT` set).
     pub wh_files: AtomicBool,
+    /// `workdir/index` with `index=on`.
+    pub index: Option<Arc<OwnedFd>>,
     /// Name in the workdir of the whiteout every new whiteout is linked from.
     pub shared_whiteout: Mutex<Option<OsString>>,
     tmp_seq: AtomicU64,
 }
 
 impl UpperCtx {
-    fn new(work: Arc<OwnedFd>) -> UpperCtx {
+    fn new(work: Arc<OwnedFd>, index: Option<Arc<OwnedFd>>) -> UpperCtx {
         // Probe once, like the kernel's ovl_check_setxattr at mount.
         let probe = OsStr::new("trusted.overlay.stratafs-probe");
         let trusted = sys::fs::set_xattr(work.as_fd(), probe, b"y", 0).is_ok();
@@ -112,6 +115,7 @@ impl UpperCtx {
         }
         UpperCtx {
             work,
+            index,
             xattr_prefix: if trusted {
                 "trusted.overlay."
             } else {
@@ -193,6 +197,8 @@ impl Overlay {
                 detached: None,
                 metacopy: false,
                 origin: false,
+                index_copy: None,
+                indexed: false,
             },
         ));
         let inodes = InodeTable::default();
@@ -201,7 +207,13 @@ impl Overlay {
         let upper = match (&layers.work, cfg.is_read_only()) {
             (Some(work), false) => {
                 let work = work.try_clone().map_err(|e| Error::io("dup workdir", e))?;
-                let ctx = UpperCtx::new(Arc::new(work));
+                let index = match &layers.index {
+                    Some(fd) => Some(Arc::new(
+                        fd.try_clone().map_err(|e| Error::io("dup index dir", e))?,
+                    )),
+                    None => None,
+                };
+                let ctx = UpperCtx::new(Arc::new(work), index);
                 if let Some(upper) = layers.upper() {
                     ctx.init_uuid(upper.root.as_fd());
                 }
@@ -209,7 +221,7 @@ impl Overlay {
             }
             _ => None,
         };
-        Ok(Overlay {
+        let ovl = Overlay {
             cfg,
             layers,
             inodes,
@@ -223,7 +235,9 @@ impl Overlay {
             origin_checked: Mutex::new(std::collections::HashSet::new()),
             split_links: Mutex::new(HashMap::new()),
             with_origin: Mutex::new(std::collections::HashSet::new()),
-        })
+        };
+        ovl.init_index()?;
+        Ok(ovl)
     }
 
     /// Installs the hook that drops the kernel's cached attributes (once, at mount).
@@ -251,10 +265,36 @@ impl Overlay {
 
     /// Current attributes of `node`.
     pub fn getattr(&self, node: &Node) -> Result<Stat> {
-        let detached = node.state().detached.clone();
+        let st = self.real_getattr(node)?;
+        let st = match node.state().indexed && !node.is_dir() {
+            true => self.with_indexed_nlink(node, st)?,
+            false => st,
+        };
+        Ok(inode::overlay_stat(node, st, self.cfg.static_nlink))
+    }
+
+    /// An indexed hard link shows the link count its `overlay.nlink` keeps.
+    fn with_indexed_nlink(&self, node: &Node, mut st: Stat) -> Result<Stat> {
+        let obj = self.real_path_fd(node)?;
+        let lower_nlink = match node.state().reals.iter().find(|r| !r.layer.is_upper()) {
+            Some(r) => {
+                let (dir, name) = self.real_parent(node, r.layer)?;
+                sys::fs::stat_name(dir.as_fd(), &name).map_or(st.st_nlink, |l| l.st_nlink)
+            }
+            None => st.st_nlink,
+        };
+        st.st_nlink = self.indexed_nlink(obj.as_fd(), st.st_nlink, lower_nlink)?;
+        Ok(st)
+    }
+
+    /// Attributes of the real object behind `node` (before the merged view's adjustments).
+    fn real_getattr(&self, node: &Node) -> Result<Stat> {
+        let detached = {
+            let st = node.state();
+            st.detached.clone().or_else(|| st.index_copy.clone())
+        };
         if let Some(fd) = detached {
-            let st = sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat", e))?;
-            return Ok(inode::overlay_stat(node, st, self.cfg.static_nlink));
+            return sys::fs::stat_fd(fd.as_fd()).map_err(|e| Error::io("stat", e));
         }
         let top = node.top()?;
         let mut st = if node.is_dir() {
@@ -272,7 +312,7 @@ impl Overlay {
                 st.st_blocks = dst.st_blocks;
             }
         }
-        Ok(inode::overlay_stat(node, st, self.cfg.static_nlink))
+        Ok(st)
     }
 
     /// Target of the symlink `node`.
@@ -529,7 +569,11 @@ impl Overlay {
         if node.is_dir() {
             return self.real_dir_fd(node, top.layer);
         }
-        if let Some(fd) = node.state().detached.clone() {
+        let detached = {
+            let st = node.state();
+            st.detached.clone().or_else(|| st.index_copy.clone())
+        };
+        if let Some(fd) = detached {
             return Ok(fd);
         }
         let (parent, name) = self.real_parent(node, top.layer)?;

@@ -33,6 +33,11 @@ pub struct Found {
     pub metacopy: bool,
     /// The top (upper) object records a copy-up origin.
     pub origin: bool,
+    /// With `index=on`, a lower hard link whose upper copy is in the index (see
+    /// [`NodeState::index_copy`]).
+    pub index_copy: Option<Arc<OwnedFd>>,
+    /// With `index=on`, a hard link whose link count the index keeps.
+    pub indexed: bool,
 }
 
 /// What one layer holds at a name.
@@ -189,9 +194,15 @@ impl Overlay {
                 metacopy = self.resolve_metacopy(parent, name, &mut reals)?;
             }
         }
+        let (index_copy, indexed) = match &top_stat {
+            Some(st) => self.index_lookup(parent, name, st, &reals)?,
+            None => (None, false),
+        };
         Ok(top_stat.map(|top_stat| Found {
             metacopy,
             origin,
+            index_copy,
+            indexed,
             reals,
             top_stat,
             dir_fds,
@@ -250,7 +261,9 @@ impl Overlay {
                     if whiteout::encode_origin(lobj.as_fd(), &uuid).as_deref() == Some(&origin[..])
                     {
                         reals.push(Real::at(pr.layer));
-                        if lst.st_nlink == 1 {
+                        // A broken hard link must not share the number of the names left
+                        // below; an indexed one is still one file with them.
+                        if lst.st_nlink == 1 || self.index_for(FileType::RegularFile, 2).is_some() {
                             self.record_origin(st.st_ino, self.ino_for(pr.layer, lst.st_ino));
                         }
                     }
@@ -412,6 +425,8 @@ impl Overlay {
                 detached: None,
                 metacopy: found.metacopy,
                 origin: found.origin,
+                index_copy: found.index_copy.clone(),
+                indexed: found.indexed,
             },
         );
         let node = self.inodes.get_or_insert(candidate);
@@ -427,7 +442,12 @@ impl Overlay {
         for (layer, fd) in found.dir_fds {
             self.cache_dir_fd(node.ino, layer, Arc::new(fd));
         }
-        let stat = inode::overlay_stat(&node, found.top_stat, self.cfg.static_nlink);
+        let stat = match node.state().indexed {
+            // The link count and (before link-up) the attributes are the index's.
+            true => self.getattr(&node).unwrap_or(found.top_stat),
+            false => found.top_stat,
+        };
+        let stat = inode::overlay_stat(&node, stat, self.cfg.static_nlink);
         Entry { node, stat }
     }
 

@@ -52,6 +52,10 @@ pub struct Config {
     /// xattr changes and renames of a lower regular file copy its attributes up, not its
     /// data; the data follows on the first open for write.
     pub metacopy: bool,
+    /// Inode index (`index=on`, off by default as in the kernel): a lower hard link copied up
+    /// through one name is recorded in `workdir/index` under its origin, so that its other
+    /// names keep showing the same (copied-up) inode, in this mount and the next ones.
+    pub index: bool,
 }
 
 /// The kernel's `redirect_dir=` modes.
@@ -119,6 +123,7 @@ impl Default for Config {
             debug: false,
             redirect_dir: RedirectDir::On,
             metacopy: true,
+            index: false,
         }
     }
 }
@@ -204,6 +209,7 @@ impl Config {
                 _ => return Err(bad("expected off, auto or on")),
             },
             "metacopy" => self.metacopy = flag(value)?,
+            "index" => self.index = flag(value)?,
             "redirect_dir" => {
                 self.redirect_dir = match value {
                     Some("on") => RedirectDir::On,

@@ -128,6 +128,8 @@ impl Overlay {
                 detached: None,
                 metacopy: false,
                 origin: false,
+                index_copy: None,
+                indexed: false,
             },
         );
         let node = self.inodes.get_or_insert_ghost(ghost);

@@ -97,22 +97,35 @@ impl Overlay {
 
         self.copy_up(parent)?;
         self.copy_up(newparent)?;
+        // Names of indexed lower hard links get their upper alias first (index=on).
+        let src = self.prepare_indexed_name(parent, name, src)?;
+        let dst = match dst {
+            Some(d) => Some(self.prepare_indexed_name(newparent, newname, d)?),
+            None => None,
+        };
         let src_node = self.lookup(parent, name)?.node;
         let dst_node = match &dst {
             Some(_) => Some(self.lookup(newparent, newname)?.node),
             None => None,
         };
-        let res = self.rename_upper(
-            parent,
-            name,
-            newparent,
-            newname,
-            &src,
-            dst.as_ref(),
-            &src_node,
-            dst_node.as_ref(),
-            exchange,
-        );
+        let do_rename = || {
+            self.rename_upper(
+                parent,
+                name,
+                newparent,
+                newname,
+                &src,
+                dst.as_ref(),
+                &src_node,
+                dst_node.as_ref(),
+                exchange,
+            )
+        };
+        let res = match (&dst, exchange) {
+            // The replaced name of an indexed hard link leaves, as in an unlink.
+            (Some(d), false) => self.unlink_indexed(newparent, newname, d, do_rename),
+            _ => do_rename(),
+        };
         self.forget(src_node.ino, 1);
         if let Some(d) = &dst_node {
             self.forget(d.ino, 1);
@@ -353,6 +366,8 @@ impl Overlay {
                 detached: None,
                 metacopy: false,
                 origin: false,
+                index_copy: None,
+                indexed: false,
             },
         );
         Ok(self.read_merged(&probe)?.len() <= 2)

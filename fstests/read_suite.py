@@ -34,7 +34,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-KERNEL_OPTS = "redirect_dir=on,metacopy=on"
+KERNEL_OPTS = "redirect_dir=on,metacopy=on,index=on"
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import diff, run_ops, scrub_mtimes, snapshot, unmount  # noqa: E402
 
-KERNEL_OPTS = "redirect_dir=on,metacopy=on"
+KERNEL_OPTS = "redirect_dir=on,metacopy=on,index=on"
 
 
 # ---------------------------------------------------------------- fixtures
@@ -235,15 +235,19 @@ def scenarios():
                 if setup:
                     script = f"{setup} && {{ {script}; }}"
                 out.append((f"{kind}/{oname}@{pname}", script))
-    # index=on (on both): a lower hard link stays one file after one name is copied up.
-    setup, path = "", FILE_PLACES["hardlink"]
+    # Lower hard links: with index=on (the default of both here) they stay one file after
+    # one name is copied up; with index=off the copied name breaks away.
+    path = FILE_PLACES["hardlink"]
+    for (oname, op) in INDEX_OPS.items():
+        script = op + "; " + SHOW.format(t=path) + "; " + SHOW.format(t="hl/g")
+        out.append((f"file/{oname}@hardlink", script))
     for (oname, op) in list(FILE_OPS.items()) + list(INDEX_OPS.items()):
         script = op.format(t=path) + "; " + SHOW.format(t=path) + "; " + SHOW.format(t="hl/g")
-        out.append((f"file/{oname}@hardlink-index", script))
+        out.append((f"file/{oname}@hardlink-noindex", script))
     return out
 
 
-# Operations on more than one name of a lower hard link (with index=on).
+# Operations on more than one name of a lower hard link.
 INDEX_OPS = {
     "write-both-names": "echo one >> hl/f && echo two >> hl/g && cat hl/f",
     "unlink-other-name": "chmod 600 hl/f && rm hl/g && stat -c %h hl/f",
@@ -274,8 +278,11 @@ def handle_map(top):
 
 
 def run_scenario(binary, tmp, name, script, verbose):
-    index = name.endswith("@hardlink-index")
-    kopts, sopts = (KERNEL_OPTS + ",index=on", "index=on") if index else (KERNEL_OPTS, "")
+    index = name.endswith("@hardlink")
+    noindex = name.endswith("@hardlink-noindex")
+    kopts, sopts = (KERNEL_OPTS, "")
+    if noindex:
+        kopts, sopts = KERNEL_OPTS.replace("index=on", "index=off"), "index=off"
     k = os.path.join(tmp, "k")
     s = os.path.join(tmp, "s")
     problems = []

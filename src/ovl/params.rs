@@ -52,10 +52,13 @@ pub struct Config {
     /// xattr changes and renames of a lower regular file copy its attributes up, not its
     /// data; the data follows on the first open for write.
     pub metacopy: bool,
-    /// Inode index (`index=on`, off by default as in the kernel): a lower hard link copied up
-    /// through one name is recorded in `workdir/index` under its origin, so that its other
-    /// names keep showing the same (copied-up) inode, in this mount and the next ones.
+    /// Inode index (`index=on`, the default here; the kernel's default is off): a lower
+    /// hard link copied up through one name is recorded in `workdir/index` under its origin,
+    /// so that its other names keep showing the same (copied-up) inode, in this mount and
+    /// the next ones.
     pub index: bool,
+    /// `index=` was given (not just the default).
+    pub index_explicit: bool,
 }
 
 /// The kernel's `redirect_dir=` modes.
@@ -123,7 +126,8 @@ impl Default for Config {
             debug: false,
             redirect_dir: RedirectDir::On,
             metacopy: true,
-            index: false,
+            index: true,
+            index_explicit: false,
         }
     }
 }
@@ -145,6 +149,17 @@ impl Config {
         }
         if let (Some(upper), None) = (&cfg.upperdir, &cfg.workdir) {
             return Err(SetupError::MissingWorkdir(upper.clone()));
+        }
+        if cfg.redirect_dir == RedirectDir::NoFollow && cfg.index {
+            // The index needs to follow redirects (kernel: an explicit index=on conflicts,
+            // a default one is turned off).
+            if cfg.index_explicit {
+                return Err(SetupError::BadOption {
+                    option: "index=on".into(),
+                    reason: "conflicts with redirect_dir=nofollow".into(),
+                });
+            }
+            cfg.index = false;
         }
         Ok(cfg)
     }
@@ -209,7 +224,10 @@ impl Config {
                 _ => return Err(bad("expected off, auto or on")),
             },
             "metacopy" => self.metacopy = flag(value)?,
-            "index" => self.index = flag(value)?,
+            "index" => {
+                self.index = flag(value)?;
+                self.index_explicit = true;
+            }
             "redirect_dir" => {
                 self.redirect_dir = match value {
                     Some("on") => RedirectDir::On,

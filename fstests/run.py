@@ -8,6 +8,7 @@ Suites (each a separate program, each ending with "N passed, M failed"):
   read       read_suite.py: merged views, differential against kernel overlayfs
   write      write_suite.py: every operation on every placement, differential, plus
              interoperability of the upper layers both ways
+  write-rootless  the same in a user namespace (kernel with userxattr; user.overlay.* xattrs)
   interop    interop_fuse_overlayfs.py: uppers written by fuse-overlayfs read by stratafs
   fsx        fsx.py: random-operation data-integrity exerciser against an in-memory model
   crash      crashloop.py: SIGKILL of the daemon mid copy-up/rename/whiteout, then checks
@@ -30,6 +31,7 @@ import common  # noqa: E402
 SUITES = {
     "read": "read_suite.py",
     "write": "write_suite.py",
+    "write-rootless": "write_suite.py --rootless",
     "interop": "interop_fuse_overlayfs.py",
     "fsx": "fsx.py",
     "crash": "crashloop.py",
@@ -38,13 +40,15 @@ SUITES = {
 
 def run_suite(name, script, binary):
     """Runs one suite, echoing its output; returns (passed, failed)."""
+    script, *extra = script.split()
     path = os.path.join(HERE, script)
     if not os.path.exists(path):
         print(f"== {name}: {script} missing")
         return 0, 1
-    print(f"== {name}: python3 fstests/{script} --binary {binary}", flush=True)
+    print(f"== {name}: python3 fstests/{script} --binary {binary} {' '.join(extra)}", flush=True)
     started = time.time()
-    proc = subprocess.Popen([sys.executable, path, "--binary", binary], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, path, "--binary", binary] + extra,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     last = None
     for line in proc.stdout:

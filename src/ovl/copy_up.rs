@@ -155,7 +155,7 @@ impl Overlay {
         let index_dir = self.index_for(file_type, st.st_nlink);
         let origin = match hardlink && index_dir.is_none() {
             true => None,
-            false => whiteout::encode_origin(src_obj.as_fd(), &lower_uuid),
+            false => upper.origin_value(src_obj.as_fd(), &lower_uuid),
         };
         // With index=on a lower hard link is copied into the index once; every name then
         // links to that copy.

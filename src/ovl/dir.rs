@@ -132,7 +132,11 @@ impl Overlay {
             }
         }
         drop(guard);
-        if is_dir && slot == UpperSlot::Empty && parent.is_merged_dir() {
+        if is_dir
+            && slot == UpperSlot::Empty
+            && parent.is_merged_dir()
+            && !self.allows_offline_changes()
+        {
             // As the kernel does: a new directory in a merged one is opaque, so lookups in it
             // never search the lower layers (an optimisation; failure is harmless).
             let _ = self.set_opaque(udir.as_fd(), name);

@@ -92,7 +92,8 @@ impl Overlay {
     /// `ovl_need_index` without `nfs_export`).
     pub(crate) fn index_for(&self, file_type: FileType, nlink: u64) -> Option<Arc<OwnedFd>> {
         let upper = self.upper_ctx().ok()?;
-        match file_type == FileType::RegularFile && nlink > 1 {
+        // Entries are named by file handles (the kernel turns the index off without them).
+        match file_type == FileType::RegularFile && nlink > 1 && upper.origin_handles() {
             true => upper.index.clone(),
             false => None,
         }

@@ -24,7 +24,7 @@ pub mod xattr;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -126,6 +126,22 @@ impl UpperCtx {
             ),
             tmp_seq: AtomicU64::new(0),
             shared_whiteout: Mutex::new(None),
+        }
+    }
+
+    /// Whether origins are recorded as file handles. Without privilege over the initial user
+    /// namespace (rootless: no `trusted.*` xattrs either) the kernel cannot decode handles and
+    /// writes an empty `overlay.origin` ("copied up, from somewhere"); so do we, to match.
+    pub fn origin_handles(&self) -> bool {
+        self.xattr_prefix == "trusted.overlay."
+    }
+
+    /// The `overlay.origin` value to record for lower object `obj` on a filesystem with
+    /// `uuid`: its file handle, or the empty value when handles are not used.
+    pub fn origin_value(&self, obj: BorrowedFd<'_>, uuid: &[u8; 16]) -> Option<Vec<u8>> {
+        match self.origin_handles() {
+            true => whiteout::encode_origin(obj, uuid),
+            false => Some(Vec::new()),
         }
     }
 
@@ -238,6 +254,14 @@ impl Overlay {
         };
         ovl.init_index()?;
         Ok(ovl)
+    }
+
+    /// Whether the lower layers may still be changed between mounts (kernel
+    /// `ovl_allow_offline_changes`: none of index, metacopy, redirect_dir=on is in use). The
+    /// kernel then skips optimisations that assume they do not, and so do we.
+    pub fn allows_offline_changes(&self) -> bool {
+        let index = self.cfg.index && self.upper_ctx().is_ok_and(|u| u.origin_handles());
+        !index && !self.cfg.metacopy && self.cfg.redirect_dir != params::RedirectDir::On
     }
 
     /// Installs the hook that drops the kernel's cached attributes (once, at mount).
@@ -368,6 +392,13 @@ impl Overlay {
                 return *ino;
             }
         }
+        self.inomap.map(fsid, real_ino)
+    }
+
+    /// The number real object `real_ino` of `layer` shows when nothing (no copy-up origin, no
+    /// broken hard link) makes it show another.
+    pub fn own_ino(&self, layer: LayerIdx, real_ino: u64) -> Ino {
+        let fsid = self.layers.get(layer).map_or(0, |l| l.fsid);
         self.inomap.map(fsid, real_ino)
     }
 

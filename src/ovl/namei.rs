@@ -294,7 +294,7 @@ impl Overlay {
             return Ok(());
         }
         let uuid = self.layers.get(*llayer).map_or([0; 16], |l| l.uuid);
-        let Some(fh) = whiteout::encode_origin(lfd.as_fd(), &uuid) else {
+        let Some(fh) = upper.origin_value(lfd.as_fd(), &uuid) else {
             return Ok(());
         };
         crate::ovl::vfs::do_setxattr(ufd.as_fd(), &upper.xattr("origin"), &fh, 0)?;

@@ -15,7 +15,7 @@ use rustix::fs::FileType;
 
 use crate::error::{Error, Result};
 use crate::ovl::inode::{Ino, Node, NodeState};
-use crate::ovl::{Entry, Overlay, whiteout};
+use crate::ovl::{Entry, Overlay, vfs, whiteout};
 use crate::sys;
 
 /// One entry of a merged listing.
@@ -160,6 +160,8 @@ impl Overlay {
         ];
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut whited: HashSet<OsString> = HashSet::new();
+        // Whether an entry shows a number other than its real object's (an origin's).
+        let mut shows_other_ino = false;
         for real in reals {
             let fd = self.real_dir_fd(dir, real.layer)?;
             let raw = sys::fs::read_dir(fd.as_fd()).map_err(|e| Error::io("readdir", e))?;
@@ -202,15 +204,48 @@ impl Overlay {
                     let _ = self.lookup_real(dir, &e.name);
                 }
                 seen.insert(e.name.clone());
+                let ino = self.ino_for(real.layer, e.ino);
+                shows_other_ino |= ino != self.own_ino(real.layer, e.ino);
                 out.push(DirEntry {
-                    ino: self.ino_for(real.layer, e.ino),
+                    ino,
                     name: e.name,
                     file_type,
                 });
             }
             whited.extend(layer_whiteouts);
         }
+        if !shows_other_ino {
+            self.drop_useless_impure(dir)?;
+        }
         Ok(out)
+    }
+
+    /// A non-merged upper directory whose entries all show their real inode numbers needs no
+    /// impure mark; kernel overlayfs removes it when it lists such a directory
+    /// (`ovl_cache_get_impure` finding no entry whose number differs from the real one), and so
+    /// do we where origins are not file handles (rootless), so that no entry can show an
+    /// origin's number later either. With file handles the mark stays: an entry's origin may
+    /// be one stratafs does not resolve (it only recognises an origin under the same name).
+    fn drop_useless_impure(&self, dir: &Node) -> Result<()> {
+        let Ok(upper) = self.upper_ctx() else {
+            return Ok(());
+        };
+        let impure_upper_only = {
+            let st = dir.state();
+            st.reals.len() == 1 && st.reals[0].layer.is_upper() && st.reals[0].impure
+        };
+        if !impure_upper_only || upper.origin_handles() {
+            return Ok(());
+        }
+        let fd = self.real_dir_fd(dir, crate::ovl::layer::LayerIdx::UPPER)?;
+        match vfs::do_removexattr(fd.as_fd(), &upper.xattr("impure")) {
+            Err(e) if e.errno() != libc::ENODATA => return Err(e),
+            _ => {}
+        }
+        if let Some(r) = dir.state_mut().reals.first_mut() {
+            r.impure = false;
+        }
+        Ok(())
     }
 }
 

@@ -17,13 +17,19 @@ the data must have persisted through the upper layer.
 
 The files start in the LOWER layers (a 512 KiB file and a sparse 1 MiB file with holes in the
 bottom layer, a small file in the top one), so the first write, truncate, link or chmod of each
-triggers a data or metadata copy-up; `other/`, a directory of both lower layers, is a rename
-target. Operations: pwrite (also past EOF), pread (through the open descriptor or a fresh
-one), truncate (shrink and grow, by descriptor or by path), fallocate (mode 0, KEEP_SIZE,
-PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE; a mode answered with EOPNOTSUPP is reported once and skipped
-from then on), mmap MAP_SHARED read, and write + msync, O_APPEND writes, copy_file_range
-between two of the files, fsync/fdatasync, close and reopen (sometimes with O_TRUNC), rename
-within the directory / into `other/` and back, link + unlink of a second name, chmod.
+triggers a data or metadata copy-up. As that happens only once per file, a fourth slot takes a
+newcomer every --fresh-every operations: another file that is still only in a lower layer
+(dense, sparse, tiny or empty), so that every operation also meets files in every copy-up
+state. `other/`, a directory of both lower layers, is a rename target. Operations: pwrite
+(also past EOF), pread (through the open descriptor, or a fresh one, sometimes after dropping
+the cached pages so that the read reaches the daemon), truncate (shrink and grow, by
+descriptor or by path), fallocate (mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE; a mode
+answered with EOPNOTSUPP is reported once and skipped from then on), mmap MAP_SHARED read, and
+write + msync, O_APPEND writes, copy_file_range between two of the files, fsync/fdatasync,
+close and reopen (sometimes with O_TRUNC), rename within the directory / into `other/` and
+back (then a read through the new name), link of a second name + unlink of one of the two
+(then a whole-file read through the one left), chmod. --without OP leaves an operation out
+(its random draws stay, so the rest of the sequence is unchanged) to look past a known bug.
 
 With fio installed (`apt-get install -y fio`), fio jobs with --verify=crc32c follow:
 sequential and random writes to new files, a random write job with the mmap engine, partial
@@ -39,17 +45,21 @@ Usage (as root, with /dev/fuse):
     python3 fstests/fsx.py --target kernel          # the same on kernel overlayfs
     python3 fstests/fsx.py --binary /tmp/x/stratafs --ops 20000 --seed 7 --no-fio
     python3 fstests/fsx.py --ops 300 --trace --no-fio   # print every operation
+    python3 fstests/fsx.py --without link_unlink    # look past a known link/unlink bug
 
 On the first mismatch it prints the operation number, the last 20 operations, the first
 differing offset and the expected and actual bytes, and stops that run. It ends with the line
 "N passed, M failed" (the fsx run is one test, each fio job and each re-verification after the
 remount one more) and exits 1 on any failure. Mounts and the scratch directory are always
-removed, on Ctrl-C too.
+removed, on Ctrl-C too. The mounts are made in a private mount namespace (see
+enter_private_mount_namespace): other shells do not see them; use --dir and
+`nsenter -t PID -m` to look inside while it runs.
 """
 
 import argparse
 import ctypes
 import errno
+import hashlib
 import mmap
 import os
 import random
@@ -86,15 +96,34 @@ FALLOCATE_MODES = {
     "ZERO_RANGE": FALLOC_FL_ZERO_RANGE,
 }
 
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
 libc = ctypes.CDLL(None, use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_void_p]
 
 
-class Mismatch(Exception):
-    """The filesystem disagrees with the model."""
+class Failure(Exception):
+   """The filesystem disagrees with the model, or a mount or unmount went wrong."""
 
 
 # ---------------------------------------------------------------- mounts
+
+def enter_private_mount_namespace():
+    """Moves this process (and the daemons it starts) to a mount namespace of its own.
+
+    Why: a mount namespace that any other process creates while our union is mounted
+    (`unshare -m`, a container, another test suite) gets a copy of the mount; our umount then
+    removes only our copy, the FUSE superblock stays alive and the stratafs daemon does not
+    exit. In a private namespace our mounts are invisible to everyone else."""
+    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE,
+                                                    None) != 0:
+        err = ctypes.get_errno()
+        print(f"note: staying in the shared mount namespace ({os.strerror(err)})")
+
 
 def is_mounted(path):
     real = os.path.realpath(path)
@@ -137,7 +166,7 @@ class Union:
                                 f"{self.options()},{KERNEL_OPTS}", self.mnt],
                                capture_output=True, text=True)
             if p.returncode != 0:
-                raise Mismatch(f"kernel overlayfs mount failed: {p.stderr.strip()}")
+                raise Failure(f"kernel overlayfs mount failed: {p.stderr.strip()}")
         else:
             self._start_daemon()
 
@@ -151,11 +180,11 @@ class Union:
         while not is_mounted(self.mnt):
             if self.daemon.poll() is not None:
                 rc, self.daemon = self.daemon.returncode, None
-                raise Mismatch(f"stratafs exited with status {rc} before mounting: "
-                               f"{self.log_tail()}")
+                raise Failure(f"stratafs exited with status {rc} before mounting: "
+                              f"{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.kill_daemon()
-                raise Mismatch("stratafs did not mount within 30 s")
+                raise Failure("stratafs did not mount within 30 s")
             time.sleep(0.01)
 
     def unmount(self):
@@ -170,8 +199,9 @@ class Union:
             try:
                 rc = self.daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                threads = daemon_threads(self.daemon.pid)
                 self.kill_daemon()
-                rc = "killed: still running 30 s after umount"
+                rc = f"killed: still running 30 s after umount; its threads: {threads}"
             if rc != 0:
                 problem = f"stratafs exited with status {rc}: {self.log_tail()}"
             self.daemon = None
@@ -180,7 +210,7 @@ class Union:
     def remount(self):
         problem = self.unmount()
         if problem:
-            raise Mismatch(f"unmount: {problem}")
+            raise Failure(f"unmount: {problem}")
         self.mount()
 
     def kill_daemon(self):
@@ -193,9 +223,25 @@ class Union:
     def log_tail(self, lines=5):
         try:
             with open(self.log_path, errors="replace") as f:
-                return " | ".join(f.read().strip().splitlines()[-lines:]) or "(no output)"
+                text = re.sub(r"\x1b\[[0-9;]*m", "", f.read()).strip()  # no colours
+                return " | ".join(text.splitlines()[-lines:]) or "(no output)"
         except OSError:
             return "(no log)"
+
+
+def daemon_threads(pid):
+    """Name, state and kernel wait channel of each thread of a process, as one line."""
+    out = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip()
+            out.append(f"{fields[0].split('(', 1)[1]}:{fields[1].split()[0]}:{wchan}")
+        except OSError:
+            pass
+    return " ".join(out)
 
 
 class Watchdog(threading.Thread):
@@ -240,39 +286,65 @@ class TestFile:
         return [f"data/{self.name}", f"data/{self.name}.moved", f"other/{self.name}"]
 
 
-def write_layer_file(path, content, mode, size=None):
-    """Writes `content` ({offset: bytes} for a sparse file of `size` bytes, else bytes)."""
+def write_layer_file(path, content, mode):
+    """Writes a lower-layer file; runs of zeros of a page or more become holes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        if isinstance(content, dict):
-            f.truncate(size)
-            for offset, chunk in content.items():
+        for offset in range(0, len(content), PAGE):
+            page = content[offset:offset + PAGE]
+            if any(page):
                 f.seek(offset)
-                f.write(chunk)
-        else:
-            f.write(content)
+                f.write(page)
+        f.truncate(len(content))
     os.chmod(path, mode)
 
 
-def make_fsx_layers(union, seed):
-    """Two lower layers holding the test files; returns their TestFiles (models)."""
+def sparse_content(rng, size, islands):
+    """`size` bytes of zeros with `islands` {offset: length} of random data."""
+    content = bytearray(size)
+    for offset, length in islands.items():
+        content[offset:offset + length] = rng.randbytes(length)
+    return content
+
+
+def fresh_file_content(rng):
+    """A newcomer: dense, sparse, tiny or empty."""
+    kind = rng.random()
+    if kind < 0.5:
+        return rng.randbytes(rng.randint(1, 256 * KiB))
+    if kind < 0.75:
+        size = rng.randint(64 * KiB, 1 * MiB)
+        islands = {rng.randrange(size - 4 * KiB): rng.randint(1, 4 * KiB)
+                   for _ in range(rng.randint(1, 4))}
+        return sparse_content(rng, size, islands)
+    if kind < 0.95:
+        return rng.randbytes(rng.randint(1, 4 * KiB))
+    return b""
+
+
+def make_fsx_layers(union, seed, fresh_count):
+    """Two lower layers: the three long-lived test files and `fresh_count` newcomers (in
+    either layer) that are untouched until their turn comes. Returns (long-lived TestFiles,
+    newcomer TestFiles)."""
     rng = random.Random(f"fsx-layers-{seed}")
     big = rng.randbytes(512 * KiB)
     small = rng.randbytes(10_000)
-    sparse_size = 1 * MiB
-    islands = {0: rng.randbytes(4 * KiB), 300 * KiB: rng.randbytes(64 * KiB),
-               700 * KiB + 100: rng.randbytes(5_000), sparse_size - 4 * KiB: rng.randbytes(4 * KiB)}
-    sparse = bytearray(sparse_size)
-    for offset, chunk in islands.items():
-        sparse[offset:offset + len(chunk)] = chunk
-
+    sparse = sparse_content(rng, 1 * MiB, {0: 4 * KiB, 300 * KiB: 64 * KiB,
+                                           700 * KiB + 100: 5_000, 1 * MiB - 4 * KiB: 4 * KiB})
     write_layer_file(f"{union.l2}/data/big.bin", big, 0o644)
-    write_layer_file(f"{union.l2}/data/sparse.bin", islands, 0o644, size=sparse_size)
+    write_layer_file(f"{union.l2}/data/sparse.bin", sparse, 0o644)
     write_layer_file(f"{union.l1}/data/small.bin", small, 0o640)
     write_layer_file(f"{union.l2}/other/bottom.txt", b"bottom layer\n", 0o644)
     write_layer_file(f"{union.l1}/other/top.txt", b"top layer\n", 0o644)
-    return [TestFile("big.bin", big, 0o644), TestFile("small.bin", small, 0o640),
-            TestFile("sparse.bin", sparse, 0o644)]
+    long_lived = [TestFile("big.bin", big, 0o644), TestFile("small.bin", small, 0o640),
+                  TestFile("sparse.bin", sparse, 0o644)]
+    newcomers = []
+    for i in range(fresh_count):
+        content, mode = fresh_file_content(rng), rng.choice([0o644, 0o600, 0o755])
+        layer = union.l1 if i % 2 else union.l2
+        write_layer_file(f"{layer}/data/fresh-{i:04}.bin", content, mode)
+        newcomers.append(TestFile(f"fresh-{i:04}.bin", content, mode))
+    return long_lived, newcomers
 
 
 # ---------------------------------------------------------------- comparing
@@ -340,11 +412,21 @@ def format_entry(entry):
 # ---------------------------------------------------------------- the exerciser
 
 class Fsx:
-    """The random operation stream on `files` in `union`, checked against the models."""
+    """The random operation stream on the files in `union`, checked against their models.
 
-    def __init__(self, union, files, seed, trace=False, watchdog=None):
+    The three long-lived files take operations for the whole run; a fourth slot holds a
+    newcomer, replaced every `fresh_every` operations by the next file that is still only in a
+    lower layer, so that copy-up (data and metadata-only, by any operation) keeps being
+    exercised after the first few operations. A retired newcomer is remembered by size, mode
+    and checksum and checked again after every remount."""
+
+    def __init__(self, union, long_lived, newcomers, seed, fresh_every, trace=False,
+                 watchdog=None, without=()):
         self.union = union
-        self.files = files
+        self.newcomers = deque(newcomers)
+        self.files = long_lived + [self.newcomers.popleft()]
+        self.fresh_every = fresh_every
+        self.retired = []  # (rel, size, mode, sha256)
         self.rng = random.Random(seed)
         self.trace = trace
         self.watchdog = watchdog
@@ -360,8 +442,10 @@ class Fsx:
             (self.op_chmod, 2),
         ]
         self.ops = [op for op, _ in weighted_ops]
-        self.op_weights = [w for _, w in weighted_ops]
-        self.file_weights = [6, 2, 2][:len(files)]
+        # a left-out operation keeps its place (weight 0): the random stream stays comparable
+        self.op_weights = [0 if op.__name__.removeprefix("op_") in without else w
+                           for op, w in weighted_ops]
+        self.file_weights = [5, 2, 2, 3]
 
     # ---- running
 
@@ -369,6 +453,8 @@ class Fsx:
         started = time.monotonic()
         for self.opno in range(1, nops + 1):
             self.step()
+            if self.opno % self.fresh_every == 0 and self.newcomers:
+                self.bring_in_newcomer()
             if self.opno % verify_every == 0:
                 self.verify_all(f"periodic check after op {self.opno}")
             if self.opno % remount_every == 0:
@@ -388,6 +474,16 @@ class Fsx:
             self.check_stat(g)
         if self.watchdog:
             self.watchdog.kick()
+
+    def bring_in_newcomer(self):
+        old = self.files[-1]
+        self.verify_file(old, "before retiring it")
+        if old.fd is not None:
+            os.close(old.fd)
+        digest = hashlib.sha256(old.model).digest()
+        self.retired.append((old.rel, len(old.model), old.mode, digest))
+        self.files[-1] = self.newcomers.popleft()
+        self.note("newcomer", self.files[-1], extra=f"replaces {old.rel}")
 
     def note(self, op, f, offset=None, length=None, extra=""):
         entry = (self.opno, op, f.rel, offset, length, extra)
@@ -445,34 +541,48 @@ class Fsx:
 
     def check_bytes(self, what, offset, expected, got):
         if got != expected:
-            raise Mismatch(describe_difference(what, offset, expected, got))
+            raise Failure(describe_difference(what, offset, expected, got))
 
     def check_stat(self, f):
         st = os.stat(self.path(f))
         if st.st_size != len(f.model):
-            raise Mismatch(f"stat {f.rel}: st_size {st.st_size}, expected {len(f.model)}")
+            raise Failure(f"stat {f.rel}: st_size {st.st_size}, expected {len(f.model)}")
         if stat.S_IMODE(st.st_mode) != f.mode:
-            raise Mismatch(f"stat {f.rel}: mode {stat.S_IMODE(st.st_mode):o}, "
-                           f"expected {f.mode:o}")
+            raise Failure(f"stat {f.rel}: mode {stat.S_IMODE(st.st_mode):o}, "
+                          f"expected {f.mode:o}")
         if f.fd is not None:
             fst = os.fstat(f.fd)
             if fst.st_size != len(f.model) or fst.st_ino != st.st_ino:
-                raise Mismatch(f"fstat {f.rel}: st_size {fst.st_size} st_ino {fst.st_ino}, "
-                               f"expected {len(f.model)} and stat's {st.st_ino}")
+                raise Failure(f"fstat {f.rel}: st_size {fst.st_size} st_ino {fst.st_ino}, "
+                              f"expected {len(f.model)} and stat's {st.st_ino}")
+
+    def verify_file(self, f, why):
+        self.check_stat(f)
+        self.check_bytes(f"whole-file read of {f.rel} ({why})", 0, bytes(f.model),
+                         read_whole(self.path(f)))
 
     def verify_all(self, why):
         for f in self.files:
-            self.check_stat(f)
-            self.check_bytes(f"whole-file read of {f.rel} ({why})", 0, bytes(f.model),
-                             read_whole(self.path(f)))
+            self.verify_file(f, why)
         if self.watchdog:
             self.watchdog.kick()
+
+    def verify_retired(self):
+        for rel, size, mode, digest in self.retired:
+            path = self.union.path(rel)
+            st = os.stat(path)
+            if (st.st_size, stat.S_IMODE(st.st_mode)) != (size, mode):
+                raise Failure(f"retired {rel}: size {st.st_size} mode "
+                              f"{stat.S_IMODE(st.st_mode):o}, expected {size} and {mode:o}")
+            if hashlib.sha256(read_whole(path)).digest() != digest:
+                raise Failure(f"retired {rel}: content changed since it was retired")
 
     def remount_and_verify(self):
         self.note("remount", self.files[0], extra="(all descriptors closed)")
         self.close_all()
         self.union.remount()
         self.verify_all(f"after unmount and mount at op {self.opno}")
+        self.verify_retired()
 
     def verify_upper_layer(self):
         """Each file copied up with its data holds the model's bytes in the upper layer."""
@@ -483,7 +593,7 @@ class Fsx:
                 continue  # metadata-only copy-up: the data is still the lower's
             except OSError as e:
                 if e.errno == errno.ENOENT:
-                    raise Mismatch(f"{f.rel} is missing from the upper layer") from None
+                    continue  # never modified: it is still the lower file
             self.check_bytes(f"upper layer file {f.rel}", 0, bytes(f.model), read_whole(upper))
 
     # ---- operations
@@ -495,24 +605,21 @@ class Fsx:
         self.note("pwrite", f, offset, length)
         written = os.pwrite(self.rw_fd(f), data, offset)
         if written != length:
-            raise Mismatch(f"pwrite returned {written}, expected {length}")
+            raise Failure(f"pwrite returned {written}, expected {length}")
         apply_write(f.model, offset, data)
 
     def op_pread(self, f):
         offset = self.pick_read_offset(len(f.model))
         length = self.pick_length()
         through_new_fd = self.rng.random() < 0.3 or f.fd is None
-        self.note("pread", f, offset, length, "fresh O_RDONLY fd" if through_new_fd else "")
+        cold = self.rng.random() < 0.2
+        self.note("pread", f, offset, length, ("fresh O_RDONLY fd" if through_new_fd else "")
+                  + (" cold cache" if through_new_fd and cold else ""))
         if through_new_fd:
-            fd = os.open(self.path(f), os.O_RDONLY)
-            try:
-                got = os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
+            self.check_read_through(f, self.path(f), offset, length, f"read of {f.rel}", cold)
         else:
-            got = os.pread(f.fd, length, offset)
-        self.check_bytes(f"pread of {f.rel}", offset, bytes(f.model[offset:offset + length]),
-                         got)
+            self.check_bytes(f"pread of {f.rel}", offset, bytes(f.model[offset:offset + length]),
+                             os.pread(f.fd, length, offset))
 
     def op_truncate(self, f):
         size = len(f.model)
@@ -574,12 +681,13 @@ class Fsx:
         offset = self.rng.randrange(size)
         return offset, min(self.pick_length(), size - offset)
 
-    def with_mapping(self, f, offset, length, use):
-        """Calls use(mapping, start) on a MAP_SHARED mapping covering [offset, offset+length);
-        the range starts at `start` in the mapping."""
+    def with_mapping(self, fd, offset, length, use, writable):
+        """Calls use(mapping, start) on a MAP_SHARED mapping of `fd` covering
+        [offset, offset+length); the range starts at `start` in the mapping."""
         map_offset = offset - offset % PAGE
-        with mmap.mmap(self.rw_fd(f), offset + length - map_offset, flags=mmap.MAP_SHARED,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=map_offset) as mapping:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        with mmap.mmap(fd, offset + length - map_offset, flags=mmap.MAP_SHARED, prot=prot,
+                       offset=map_offset) as mapping:
             return use(mapping, offset - map_offset)
 
     def op_mmap_read(self, f):
@@ -587,8 +695,14 @@ class Fsx:
         if picked is None:
             return
         offset, length = picked
-        self.note("mmap-read", f, offset, length)
-        got = self.with_mapping(f, offset, length, lambda m, s: m[s:s + length])
+        # without an open descriptor: a read-only mapping that does not copy the file up
+        self.note("mmap-read", f, offset, length, "" if f.fd is not None else "O_RDONLY fd")
+        fd = f.fd if f.fd is not None else os.open(self.path(f), os.O_RDONLY)
+        try:
+            got = self.with_mapping(fd, offset, length, lambda m, s: m[s:s + length], False)
+        finally:
+            if fd != f.fd:
+                os.close(fd)
         self.check_bytes(f"mmap read of {f.rel}", offset,
                          bytes(f.model[offset:offset + length]), got)
 
@@ -604,7 +718,7 @@ class Fsx:
             mapping[start:start + length] = data
             mapping.flush()  # msync(MS_SYNC)
 
-        self.with_mapping(f, offset, length, store_and_sync)
+        self.with_mapping(self.rw_fd(f), offset, length, store_and_sync, writable=True)
         apply_write(f.model, offset, data)
 
     def op_append(self, f):
@@ -619,7 +733,7 @@ class Fsx:
         finally:
             os.close(fd)
         if written != length:
-            raise Mismatch(f"O_APPEND write returned {written}, expected {length}")
+            raise Failure(f"O_APPEND write returned {written}, expected {length}")
         f.model += data
 
     def op_copy_range(self, dst):
@@ -638,7 +752,7 @@ class Fsx:
                 break
             copied += n
         if copied != len(expected):
-            raise Mismatch(f"copy_file_range copied {copied} bytes, expected {len(expected)}")
+            raise Failure(f"copy_file_range copied {copied} bytes, expected {len(expected)}")
         apply_write(dst.model, dst_offset, expected)
 
     def op_fsync(self, f):
@@ -660,36 +774,57 @@ class Fsx:
         elif action == "reopen":
             f.fd = os.open(self.path(f), os.O_RDWR)
 
+    def check_read_through(self, f, path, offset, length, what, cold=False):
+        """Reads [offset, offset+length) through a new descriptor on `path`; `cold` drops the
+        file's cached pages first, so that the read reaches the filesystem (through FUSE the
+        page cache would otherwise answer from what an earlier read fetched)."""
+        with open(path, "rb", buffering=0) as fresh:
+            if cold:
+                os.posix_fadvise(fresh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            fresh.seek(offset)
+            got = fresh.read(length)
+        self.check_bytes(what + (" (cold cache)" if cold else ""), offset,
+                         bytes(f.model[offset:offset + length]), got)
+
     def op_rename(self, f):
         target = self.rng.choice([p for p in f.places() if p != f.rel])
-        self.note("rename", f, extra=f"-> {target}")
+        offset, length = self.pick_read_offset(len(f.model)), self.pick_length()
+        self.note("rename", f, offset, length, f"-> {target}, then read through the new name")
         old = self.path(f)
         os.rename(old, self.union.path(target))
         f.rel = target
         if os.path.lexists(old):
-            raise Mismatch(f"{old} still exists after renaming it to {target}")
+            raise Failure(f"{old} still exists after renaming it to {target}")
+        self.check_read_through(f, self.path(f), offset, length, f"read after rename to {target}",
+                                cold=True)
 
     def op_link_unlink(self, f):
-        link_rel = self.rng.choice([f"data/{f.name}.link", f"other/{f.name}.link"])
-        offset = self.pick_read_offset(len(f.model))
-        length = self.pick_length()
-        self.note("link+unlink", f, offset, length, f"second name {link_rel}, read through it")
+        """Adds a second name, reads through it, removes one of the two names (usually the
+        new one) and reads the whole file through the name that is left."""
+        link_rel = self.rng.choice([p for p in (f"data/{f.name}.link", f"other/{f.name}.link")
+                                    if p != f.rel])
+        drop_original = self.rng.random() < 0.3
+        offset, length = self.pick_read_offset(len(f.model)), self.pick_length()
+        self.note("link+unlink", f, offset, length,
+                  f"second name {link_rel}, read through it, unlink "
+                  + ("the original name" if drop_original else "it") + ", read all")
         path, link = self.path(f), self.union.path(link_rel)
         os.link(path, link)
         st, lst = os.stat(path), os.stat(link)
         if (st.st_ino, st.st_nlink, st.st_size) != (lst.st_ino, 2, len(f.model)):
-            raise Mismatch(f"after link: {f.rel} ino={st.st_ino} nlink={st.st_nlink}, {link_rel} "
-                           f"ino={lst.st_ino} nlink={lst.st_nlink} size={lst.st_size}; "
-                           f"expected the same inode, nlink 2, size {len(f.model)}")
-        with open(link, "rb", buffering=0) as through_link:
-            through_link.seek(offset)
-            got = through_link.read(length)
-        self.check_bytes(f"read through link {link_rel}", offset,
-                         bytes(f.model[offset:offset + length]), got)
-        os.unlink(link)
-        if os.stat(path).st_nlink != 1 or os.path.lexists(link):
-            raise Mismatch(f"after unlink of {link_rel}: nlink of {f.rel} is "
-                           f"{os.stat(path).st_nlink}, link exists={os.path.lexists(link)}")
+            raise Failure(f"after link: {f.rel} ino={st.st_ino} nlink={st.st_nlink}, {link_rel} "
+                          f"ino={lst.st_ino} nlink={lst.st_nlink} size={lst.st_size}; "
+                          f"expected the same inode, nlink 2, size {len(f.model)}")
+        self.check_read_through(f, link, offset, length, f"read through new link {link_rel}")
+        gone, kept = (path, link) if drop_original else (link, path)
+        os.unlink(gone)
+        if drop_original:
+            f.rel = link_rel
+        if os.stat(kept).st_nlink != 1 or os.path.lexists(gone):
+            raise Failure(f"after unlink of {gone}: nlink of {kept} is "
+                          f"{os.stat(kept).st_nlink}, {gone} exists={os.path.lexists(gone)}")
+        self.check_read_through(f, kept, 0, len(f.model), f"read of {f.rel} after unlink of "
+                                f"the other name", cold=True)
 
     def op_chmod(self, f):
         mode = self.rng.choice([0o600, 0o640, 0o644, 0o664, 0o666, 0o700, 0o755])
@@ -706,12 +841,13 @@ def run_fsx(args, scratch):
     """One fsx run; returns [(test name, passed)]."""
     name = f"fsx {args.target} seed={args.seed} ops={args.ops}"
     union = Union(args.target, args.binary, os.path.join(scratch, "fsx"))
-    files = make_fsx_layers(union, args.seed)
+    long_lived, newcomers = make_fsx_layers(union, args.seed, args.ops // args.fresh_every + 1)
     watchdog = Watchdog(union)
-    fsx = Fsx(union, files, args.seed, trace=args.trace, watchdog=watchdog)
-    print(f"== {name}: files {', '.join(f.rel for f in files)} start in the lower layers; "
-          f"whole-file check every {args.verify_every} ops, remount every "
-          f"{args.remount_every} ops", flush=True)
+    fsx = Fsx(union, long_lived, newcomers, args.seed, args.fresh_every, trace=args.trace,
+              watchdog=watchdog, without=args.without)
+    print(f"== {name}: {', '.join(f.rel for f in long_lived)} and {len(newcomers)} newcomers "
+          f"(one every {args.fresh_every} ops) start in the lower layers; whole-file check "
+          f"every {args.verify_every} ops, remount every {args.remount_every} ops", flush=True)
     started = time.monotonic()
     passed = False
     try:
@@ -755,7 +891,8 @@ class FioJob:
     def command(self, path, verify_only=False):
         cmd = ["fio", f"--name={self.name}", f"--filename={path}", f"--size={self.region}",
                f"--offset={self.offset}", "--ioengine=psync", "--verify=crc32c",
-               "--do_verify=1", "--verify_fatal=1", "--randrepeat=1", "--end_fsync=1"]
+               "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=1",
+               "--end_fsync=1"]
         return cmd + self.fio_args + (["--verify_only=1"] if verify_only else [])
 
 
@@ -776,7 +913,7 @@ def fio_jobs(size):
 def run_fio_job(union, job, verify_only):
     """Runs the job; returns a failure description or None."""
     p = subprocess.run(job.command(union.path(job.rel), verify_only), capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, cwd=union.root)  # fio may leave files in cwd
     output = p.stdout + p.stderr
     if p.returncode != 0 or re.search(r"err=\s*[1-9]", output) or "verify:" in output:
         tail = "\n".join("    " + line for line in output.strip().splitlines()[-15:])
@@ -857,10 +994,18 @@ def parse_args():
     ap.add_argument("--dir", help="scratch directory (default: a new one under /tmp)")
     ap.add_argument("--verify-every", type=int, default=500)
     ap.add_argument("--remount-every", type=int, default=20_000)
+    ap.add_argument("--fresh-every", type=int, default=500,
+                    help="ops between newcomers (fresh lower files)")
     ap.add_argument("--trace", action="store_true", help="print every operation")
+    ap.add_argument("--without", action="append", default=[], metavar="OP",
+                    choices=OPERATIONS, help="leave an operation out (to look past a known "
+                    "bug); may repeat: " + ", ".join(OPERATIONS))
     ap.add_argument("--no-fio", action="store_true", help="skip the fio jobs")
     ap.add_argument("--fio-size", type=int, default=32, help="fio file size in MiB")
     return ap.parse_args()
+
+
+OPERATIONS = sorted(name.removeprefix("op_") for name in vars(Fsx) if name.startswith("op_"))
 
 
 def on_sigterm(signum, frame):
@@ -877,7 +1022,9 @@ def main():
         print(f"FAIL: no stratafs binary at {args.binary} (build it, or pass --binary)")
         print("0 passed, 1 failed")
         return 1
+    enter_private_mount_namespace()
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="fsx-", dir=args.dir)

@@ -183,6 +183,8 @@ FILE_OPS = {
     "rename-over-lower-file": "mv {t} lower/f2 2>&1; mv {t} mid/f 2>&1",
     "link": "ln {t} {t}.link",
     "link-then-write": "ln {t} {t}.link && echo via-link >> {t}.link",
+    "link-then-unlink-link": "ln {t} {t}.link && rm {t}.link",
+    "link-then-unlink-first": "ln {t} {t}.link && rm {t} && cat {t}.link",
     "chmod-then-append": "chmod 640 {t} && echo more >> {t}",
     "chmod-then-rename-then-append": "chmod 640 {t} && mv {t} {t}.mv && echo more >> {t}.mv",
     "fallocate": "fallocate -l 100000 {t}",

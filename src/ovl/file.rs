@@ -93,7 +93,12 @@ impl Overlay {
         let top = if ro { node.data_real()? } else { node.top()? };
         let detached = {
             let st = node.state();
-            st.detached.clone().or_else(|| st.index_copy.clone())
+            match ro && st.metacopy {
+                // The upper object of a metadata-only copy holds no data, however it is
+                // reached: reads go to the lower data file.
+                true => None,
+                false => st.detached.clone().or_else(|| st.index_copy.clone()),
+            }
         };
         if let Some(fd) = detached {
             let f = sys::fs::reopen(fd.as_fd(), flags).map_err(|e| Error::io("open", e))?;

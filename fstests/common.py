@@ -32,6 +32,18 @@ def is_mounted(path):
         return any(line.split(" ")[4] == real for line in f)
 
 
+def fstype(path):
+    """The filesystem type mounted at `path` ("" when nothing is)."""
+    real = os.path.realpath(path)
+    found = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if fields[4] == real:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
 def unmount(path):
     """Unmounts `path` if it is a mount point (lazily as a last resort)."""
     for cmd in (["umount", path], ["umount", "-l", path]):

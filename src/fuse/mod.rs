@@ -14,7 +14,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{FileType, Stat};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::ovl::dir::{Caller, NewObject};
@@ -124,6 +124,15 @@ impl Filesystem for OverlayFs {
         }
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // Called once every request loop has ended: the kernel has let go of the mount.
+        // Returning would let fuser 0.18 unmount the mountpoint path once more (it takes the
+        // dead connection for a live mount), taking down whatever was mounted on that path
+        // since: a container restarted on the same directory. Leave before it can.
+        info!(nodes = self.ovl.inodes.len(), "unmounted");
+        std::process::exit(0);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -126,6 +126,48 @@ fn umount_ends_the_daemon() {
 }
 
 #[test]
+fn an_exiting_daemon_leaves_a_later_mount_on_the_same_path_alone() {
+    if !can_mount("an_exiting_daemon_leaves_a_later_mount_on_the_same_path_alone") {
+        return;
+    }
+    let s = Scratch::new();
+    layers_with_override(&s);
+    s.mount(false);
+    let m = s.mnt();
+    let pids = daemons_for(&m);
+    assert_eq!(pids.len(), 1, "one daemon for the mount");
+    let pid = pids[0] as libc::pid_t;
+    // Hold the daemon still while its mount goes and another one takes the path (a container
+    // restarted on the same directory), then let it see the end of its session.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Lazy: a plain umount would wait for the stopped daemon.
+    let detached = Command::new("umount").arg("-l").arg(&m).status().unwrap();
+    if !detached.success() {
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        panic!("umount -l failed");
+    }
+    let tmpfs = Command::new("mount")
+        .args(["-t", "tmpfs", "later", m.to_str().unwrap()])
+        .status()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(tmpfs.success());
+    assert!(
+        wait_for(Duration::from_secs(10), || daemons_for(&m).is_empty()),
+        "daemon still running after umount"
+    );
+    let later_still_there = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == m.to_str() && l.contains(" - tmpfs "));
+    let _ = Command::new("umount").arg(&m).status();
+    assert!(
+        later_still_there,
+        "the exiting daemon unmounted the later mount"
+    );
+}
+
+#[test]
 fn sigterm_and_sigint_unmount_cleanly_and_exit_zero() {
     if !can_mount("sigterm_and_sigint_unmount_cleanly_and_exit_zero") {
         return;

@@ -19,6 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BINARY = os.path.join(REPO, "target/release/stratafs")
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.py")
 libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                       ctypes.c_void_p]
 
 # Times far in the past that fixtures stamp on every object, so that times can be compared.
 FIXTURE_TIME_NS = 1_000_000_000_000_000_000
@@ -50,6 +52,24 @@ def unmount(path):
         if not is_mounted(path):
             return
         subprocess.run(cmd, stderr=subprocess.DEVNULL)
+
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
+
+def enter_private_mount_namespace():
+    """Moves this process (and the daemons it starts) to a mount namespace of its own.
+
+    Why: a mount namespace that any other process creates while our union is mounted
+    (`unshare -m`, a container, another test suite) gets a copy of the mount; our umount then
+    removes only our copy, the FUSE superblock stays alive and the stratafs daemon does not
+    exit. In a private namespace our mounts are invisible to everyone else."""
+    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE,
+                                                    None) != 0:
+        err = ctypes.get_errno()
+        print(f"note: staying in the shared mount namespace ({os.strerror(err)})")
 
 
 def unmount_all_under(top):

@@ -280,7 +280,12 @@ def iteration(binary, top, rnd, it):
         check_walk(f"{top}/m", problems)
     finally:
         common.unmount(f"{top}/m")
-        daemon.wait(timeout=30)
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            problems.append("the daemon was still running 30 s after its unmount")
     if "panicked" in daemon_log(top):
         problems.append(f"the daemon panicked: {daemon_log(top)}")
     return what, problems
@@ -296,6 +301,7 @@ def main():
         print("crash loop needs root, /dev/fuse and the stratafs binary")
         print(f"0 passed, {args.iterations} failed")
         return 1
+    common.enter_private_mount_namespace()
     rnd = random.Random(args.seed)
     top = tempfile.mkdtemp(prefix="crashloop-", dir="/var/tmp")
     passed = failed = 0

@@ -74,6 +74,9 @@ import threading
 import time
 from collections import Counter, deque
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BINARY = os.path.join(REPO, "target/release/stratafs")
 KERNEL_OPTS = "redirect_dir=on,metacopy=on"
@@ -96,14 +99,8 @@ FALLOCATE_MODES = {
     "ZERO_RANGE": FALLOC_FL_ZERO_RANGE,
 }
 
-CLONE_NEWNS = 0x00020000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-
 libc = ctypes.CDLL(None, use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                       ctypes.c_void_p]
 
 
 class Failure(Exception):
@@ -111,19 +108,6 @@ class Failure(Exception):
 
 
 # ---------------------------------------------------------------- mounts
-
-def enter_private_mount_namespace():
-    """Moves this process (and the daemons it starts) to a mount namespace of its own.
-
-    Why: a mount namespace that any other process creates while our union is mounted
-    (`unshare -m`, a container, another test suite) gets a copy of the mount; our umount then
-    removes only our copy, the FUSE superblock stays alive and the stratafs daemon does not
-    exit. In a private namespace our mounts are invisible to everyone else."""
-    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE,
-                                                    None) != 0:
-        err = ctypes.get_errno()
-        print(f"note: staying in the shared mount namespace ({os.strerror(err)})")
-
 
 def is_mounted(path):
     real = os.path.realpath(path)
@@ -1022,7 +1006,7 @@ def main():
         print(f"FAIL: no stratafs binary at {args.binary} (build it, or pass --binary)")
         print("0 passed, 1 failed")
         return 1
-    enter_private_mount_namespace()
+    common.enter_private_mount_namespace()
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     if args.dir:

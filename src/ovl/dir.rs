@@ -16,7 +16,7 @@ use rustix::fs::{FileType, OFlags};
 
 use crate::error::{Error, Result};
 use crate::ovl::copy_up::{RENAME_EXCHANGE, RENAME_NOREPLACE, TempGuard};
-use crate::ovl::inode::{Node, NodeState, Real};
+use crate::ovl::inode::{Node, NodeState};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::namei::{Found, check_name};
 use crate::ovl::{Entry, Overlay, vfs, whiteout};
@@ -288,7 +288,6 @@ impl Overlay {
         found: &Found,
         is_dir: bool,
     ) -> Result<()> {
-        let upper = self.upper_ctx()?;
         let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
         let in_upper = found.reals[0].layer.is_upper();
         let ino = self.ino_for(found.reals[0].layer, found.top_stat.st_ino);
@@ -311,15 +310,7 @@ impl Overlay {
             self.whiteout_over(udir.as_fd(), name, in_upper)?;
         } else if in_upper {
             if is_dir {
-                let tmp = upper.tmp_name();
-                vfs::do_rename(
-                    udir.as_fd(),
-                    name,
-                    upper.work.as_fd(),
-                    &tmp,
-                    RENAME_NOREPLACE,
-                )?;
-                vfs::do_remove_tree(upper.work.as_fd(), &tmp)?;
+                self.remove_upper_dir(udir.as_fd(), name)?;
             } else {
                 vfs::do_unlink(udir.as_fd(), name)?;
             }
@@ -341,6 +332,16 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// Removes the upper directory `name` in `udir` with whatever it holds: moved into the
+    /// workdir first, so that it leaves the merged view at once and a crash leaves nothing
+    /// half removed in the upper layer.
+    pub(crate) fn remove_upper_dir(&self, udir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+        let upper = self.upper_ctx()?;
+        let tmp = upper.tmp_name();
+        vfs::do_rename(udir, name, upper.work.as_fd(), &tmp, RENAME_NOREPLACE)?;
+        vfs::do_remove_tree(upper.work.as_fd(), &tmp)
     }
 
     /// Puts a whiteout at `name` in the upper directory `udir`, atomically replacing what the
@@ -418,13 +419,7 @@ impl Overlay {
     /// Whether a layer below the upper one shows `name` under `parent` (kernel
     /// `ovl_lower_positive`): then removing it needs a whiteout.
     pub(crate) fn lower_positive(&self, parent: &Node, name: &OsStr) -> Result<bool> {
-        let reals: Vec<Real> = parent
-            .state()
-            .reals
-            .iter()
-            .filter(|r| !r.layer.is_upper())
-            .cloned()
-            .collect();
+        let reals = parent.lower_reals();
         for r in reals {
             let dir = self.real_dir_fd(parent, r.layer)?;
             match sys::fs::stat_name(dir.as_fd(), name) {

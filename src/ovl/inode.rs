@@ -200,6 +200,16 @@ impl Node {
             .ok_or(Error::Internal("node without a data object"))
     }
 
+    /// The node's real objects below the upper layer, top first.
+    pub fn lower_reals(&self) -> Vec<Real> {
+        self.state()
+            .reals
+            .iter()
+            .filter(|r| !r.layer.is_upper())
+            .cloned()
+            .collect()
+    }
+
     /// Whether the node is a merged directory (real directories in more than one layer):
     /// kernel `OVL_TYPE_MERGE`.
     pub fn is_merged_dir(&self) -> bool {

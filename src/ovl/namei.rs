@@ -242,13 +242,7 @@ impl Overlay {
             }
             return Ok(true);
         }
-        let lowers: Vec<Real> = parent
-            .state()
-            .reals
-            .iter()
-            .filter(|r| !r.layer.is_upper())
-            .cloned()
-            .collect();
+        let lowers = parent.lower_reals();
         for pr in lowers {
             match self.probe_layer(parent, &pr, name, &Loc::Same)? {
                 Probe::Missing => continue,

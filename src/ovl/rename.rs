@@ -217,15 +217,7 @@ impl Overlay {
             if src_needs_wh {
                 self.whiteout_over(odir.as_fd(), name, true)?;
             } else {
-                let tmp = upper.tmp_name();
-                vfs::do_rename(
-                    odir.as_fd(),
-                    name,
-                    upper.work.as_fd(),
-                    &tmp,
-                    RENAME_NOREPLACE,
-                )?;
-                vfs::do_remove_tree(upper.work.as_fd(), &tmp)?;
+                self.remove_upper_dir(odir.as_fd(), name)?;
             }
         } else if src_needs_wh && !wh_files {
             // Atomic move-and-whiteout; replaces a non-directory target.
@@ -276,13 +268,7 @@ impl Overlay {
     /// copies are then located by path.
     pub(crate) fn set_redirect(&self, node: &Arc<Node>, samedir: bool) -> Result<()> {
         let upper = self.upper_ctx()?;
-        let lowers: Vec<Real> = node
-            .state()
-            .reals
-            .iter()
-            .filter(|r| !r.layer.is_upper())
-            .cloned()
-            .collect();
+        let lowers = node.lower_reals();
         let Some(first) = lowers.first() else {
             return Ok(());
         };

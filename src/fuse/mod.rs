@@ -1,9 +1,11 @@
 //! The FUSE adapter: `fuser::Filesystem` requests turned into [`Overlay`] calls, and core
 //! errors into errnos in exactly one place ([`OverlayFs::fail`]).
 
+pub mod passthrough;
 pub mod session;
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +19,9 @@ use rustix::fs::{FileType, Stat};
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
+use crate::fuse::passthrough::{OpenMode, Passthrough, RealOpen};
 use crate::ovl::dir::{Caller, NewObject};
+use crate::ovl::file::wants_write;
 use crate::ovl::inode::{Ino, Node};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::readdir::is_dot_or_dotdot;
@@ -29,13 +33,19 @@ use crate::sys::fs::TimeSpec;
 pub struct OverlayFs {
     ovl: Arc<Overlay>,
     ttl: Duration,
+    passthrough: Passthrough,
 }
 
 impl OverlayFs {
     /// Wraps a prepared union.
     pub fn new(ovl: Arc<Overlay>) -> OverlayFs {
         let ttl = ovl.cfg.timeout;
-        OverlayFs { ovl, ttl }
+        let passthrough = Passthrough::new(ovl.cfg.passthrough && ovl.cfg.fsync);
+        OverlayFs {
+            ovl,
+            ttl,
+            passthrough,
+        }
     }
 
     /// The one place a core error becomes an errno (and a log line).
@@ -46,6 +56,21 @@ impl OverlayFs {
             debug!(op, error = %err, "request failed");
         }
         Errno::from_i32(err.errno())
+    }
+
+    /// Open flags that let the kernel keep what it cached (file pages, or with
+    /// `FOPEN_CACHE_DIR` a directory listing) across opens. The layers change only through us,
+    /// and the kernel drops a cached listing itself when the directory changes through the
+    /// mount, so this is safe unless caching is turned off (`timeout=0`).
+    fn cache_flags(&self, extra: FopenFlags) -> FopenFlags {
+        // Passthrough writes bypass the page cache of our inodes: a cached open must not
+        // keep pages from before them.
+        let files_bypass =
+            self.passthrough.enabled() && !extra.contains(FopenFlags::FOPEN_CACHE_DIR);
+        match self.ttl.is_zero() || files_bypass {
+            true => FopenFlags::empty(),
+            false => extra | FopenFlags::FOPEN_KEEP_CACHE,
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Error> {
@@ -119,10 +144,25 @@ impl Filesystem for OverlayFs {
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
+            // Suid/sgid and security.capability are killed by the upper filesystem itself when
+            // we write or truncate as the mounter (kernel >= 6.2 kills suid for every writer),
+            // so the kernel may skip its getxattr(security.capability) before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             let _ = config.add_capabilities(cap);
         }
         let _ = config.set_max_readahead(1 << 20);
+        // Passthrough needs the capability and a stacking depth: our backing files sit on a
+        // plain filesystem (depth 0), so we are depth 1 and may still be an overlay's lower.
+        if self.passthrough.enabled()
+            && (config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .is_err()
+                || config.set_max_stack_depth(1).is_err())
+        {
+            info!("the kernel has no FUSE passthrough: reads and writes go through the daemon");
+            self.passthrough.disable();
+        }
         Ok(())
     }
 
@@ -172,6 +212,10 @@ impl Filesystem for OverlayFs {
         reply: ReplyAttr,
     ) {
         debug!(op = "setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size);
+        if size.is_some() && self.passthrough.data_pinned(ino.0) {
+            // Readers see the lower file through passthrough: it must not change under them.
+            return reply.error(Errno::ETXTBSY);
+        }
         let attr = SetAttr {
             mode,
             uid,
@@ -330,16 +374,31 @@ impl Filesystem for OverlayFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!(op = "open", ino = ino.0, flags = flags.0);
-        match self.node(ino).and_then(|n| self.ovl.open(&n, flags.0)) {
-            Ok(fh) => {
-                let mut fopen = FopenFlags::empty();
-                if !self.ttl.is_zero() {
-                    // Layers change only through us: cached pages stay valid across opens.
-                    fopen |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                reply.opened(FileHandle(fh), fopen)
+        let res = self.node(ino).and_then(|n| {
+            let fh = self.ovl.open(&n, flags.0)?;
+            Ok((fh, self.ovl.handle_real(fh)?))
+        });
+        let (fh, (fd, layer)) = match res {
+            Ok(v) => v,
+            Err(e) => return reply.error(Self::fail("open", &e)),
+        };
+        let real = RealOpen {
+            fd: fd.as_fd(),
+            lower: layer != LayerIdx::UPPER,
+            write: wants_write(flags.0),
+        };
+        match self
+            .passthrough
+            .open(ino.0, fh, real, |fd| reply.open_backing(fd))
+        {
+            OpenMode::Passthrough(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
-            Err(e) => reply.error(Self::fail("open", &e)),
+            OpenMode::Cached => reply.opened(FileHandle(fh), self.cache_flags(FopenFlags::empty())),
+            OpenMode::Busy => {
+                self.ovl.release(fh);
+                reply.error(Errno::ETXTBSY)
+            }
         }
     }
 
@@ -378,6 +437,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
+    /// Nothing to do on close: data goes straight to the real file and locks are the kernel's.
+    /// ENOSYS tells the kernel so once, and it stops sending a FLUSH on every close.
     fn flush(
         &self,
         _req: &Request,
@@ -386,7 +447,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -399,6 +460,7 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.passthrough.release(fh.0);
         self.ovl.release(fh.0);
         reply.ok();
     }
@@ -420,7 +482,10 @@ impl Filesystem for OverlayFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!(op = "opendir", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.opendir(n)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                self.cache_flags(FopenFlags::FOPEN_CACHE_DIR),
+            ),
             Err(e) => reply.error(Self::fail("opendir", &e)),
         }
     }
@@ -643,15 +708,44 @@ impl Filesystem for OverlayFs {
                 .add_handle(&entry.node, fd, LayerIdx::UPPER, oflags);
             Ok((entry, fh))
         });
-        match res {
-            Ok((e, fh)) => reply.created(
+        let (e, fh) = match res {
+            Ok(v) => v,
+            Err(e) => return reply.error(Self::fail("create", &e)),
+        };
+        let (attr, generation) = (file_attr(&e.stat), Generation(e.node.generation));
+        let fd = match self.ovl.handle_fd(fh) {
+            Ok(fd) => fd,
+            Err(err) => return reply.error(Self::fail("create", &err)),
+        };
+        let real = RealOpen {
+            fd: fd.as_fd(),
+            lower: false,
+            write: wants_write(flags),
+        };
+        match self
+            .passthrough
+            .open(e.node.ino.0, fh, real, |fd| reply.open_backing(fd))
+        {
+            OpenMode::Passthrough(id) => reply.created_passthrough(
                 &self.ttl,
-                &file_attr(&e.stat),
-                Generation(e.node.generation),
+                &attr,
+                generation,
                 FileHandle(fh),
                 FopenFlags::empty(),
+                &id,
             ),
-            Err(e) => reply.error(Self::fail("create", &e)),
+            OpenMode::Busy => {
+                // A new file cannot share a backing id; undo as little as needed.
+                self.ovl.release(fh);
+                reply.error(Errno::ETXTBSY)
+            }
+            OpenMode::Cached => reply.created(
+                &self.ttl,
+                &attr,
+                generation,
+                FileHandle(fh),
+                self.cache_flags(FopenFlags::empty()),
+            ),
         }
     }
 

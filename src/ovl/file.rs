@@ -35,7 +35,7 @@ pub struct FileTable {
 }
 
 /// Open flags that would change the file: they need the write side.
-fn wants_write(flags: i32) -> bool {
+pub fn wants_write(flags: i32) -> bool {
     let acc = flags & libc::O_ACCMODE;
     acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
 }
@@ -122,16 +122,21 @@ impl Overlay {
     /// copied up after this handle was opened (kernel `ovl_real_fdget`), so a read-only handle
     /// sees what other handles wrote.
     pub fn handle_fd(&self, fh: u64) -> Result<Arc<OwnedFd>> {
+        self.handle_real(fh).map(|(fd, _)| fd)
+    }
+
+    /// [`Overlay::handle_fd`] and the layer the real file is in.
+    pub fn handle_real(&self, fh: u64) -> Result<(Arc<OwnedFd>, LayerIdx)> {
         let file = self.file(fh)?;
         let (fd, layer) = file.real.read().unwrap_or_else(|e| e.into_inner()).clone();
         let top = file.node.data_real()?;
         if top.layer == layer || file.node.state().detached.is_some() {
-            return Ok(fd);
+            return Ok((fd, layer));
         }
         let (new, layer) = self.open_real(&file.node, file.flags)?;
         let new = Arc::new(new);
         *file.real.write().unwrap_or_else(|e| e.into_inner()) = (new.clone(), layer);
-        Ok(new)
+        Ok((new, layer))
     }
 
     /// Reads up to `size` bytes at `offset` from handle `fh`.

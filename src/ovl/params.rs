@@ -57,6 +57,10 @@ pub struct Config {
     /// so that its other names keep showing the same (copied-up) inode, in this mount and
     /// the next ones.
     pub index: bool,
+    /// FUSE passthrough (`passthrough=on`, the default): the kernel reads and writes open
+    /// files' real files itself where it allows it (privileged mounts on Linux 6.9+); off
+    /// with `passthrough=off`, and with `fsync=0`/`volatile` (passthrough would bypass them).
+    pub passthrough: bool,
     /// `index=` was given (not just the default).
     pub index_explicit: bool,
 }
@@ -126,6 +130,7 @@ impl Default for Config {
             debug: false,
             redirect_dir: RedirectDir::On,
             metacopy: true,
+            passthrough: true,
             index: true,
             index_explicit: false,
         }
@@ -224,6 +229,7 @@ impl Config {
                 _ => return Err(bad("expected off, auto or on")),
             },
             "metacopy" => self.metacopy = flag(value)?,
+            "passthrough" => self.passthrough = flag(value)?,
             "index" => {
                 self.index = flag(value)?;
                 self.index_explicit = true;

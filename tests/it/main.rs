@@ -6,4 +6,5 @@ mod support;
 
 mod cli_errors;
 mod mount_life;
+mod passthrough;
 mod safety;

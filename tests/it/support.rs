@@ -102,7 +102,13 @@ impl Scratch {
 
     /// Mounts in the background the way podman does, asserting success.
     pub fn mount(&self, rw: bool) {
-        let out = run(["-o", &self.opts(rw), self.mnt().to_str().unwrap()]);
+        self.mount_with(rw, "");
+    }
+
+    /// [`Scratch::mount`] with more `-o` options (`extra` starts with a comma).
+    pub fn mount_with(&self, rw: bool, extra: &str) {
+        let opts = self.opts(rw) + extra;
+        let out = run(["-o", &opts, self.mnt().to_str().unwrap()]);
         assert!(
             out.status.success(),
             "mount failed: {}",

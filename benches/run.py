@@ -62,9 +62,11 @@ TARGETS = {
     "strata": ("fuse", "strata", False),
     "strata-rootless": ("fuse", "strata", True),
     "fo1-rootless": ("fuse", "fo1", True),
+    "fo2-rootless": ("fuse", "fo2", True),
     "plain": ("plain", None, False),
 }
-DEFAULT_TARGETS = ["kernel", "fo1", "fo2", "strata", "strata-rootless", "plain"]
+DEFAULT_TARGETS = ["kernel", "fo1", "fo2", "strata", "strata-rootless", "fo1-rootless",
+                   "fo2-rootless", "plain"]
 
 # Sizes of the fixture and of the workloads. "standard" (the default) meets the bar of the
 # performance issue (over 50k files, a 1 GiB file, 20k creates, a 10k-file tarball); "large"
@@ -928,9 +930,9 @@ def summarize(results, metrics, targets):
 def ratio_cols(targets):
     cols = [(f"{t}/kernel", t, "kernel") for t in targets if t != "kernel" and
             "kernel" in targets]
-    for s in ("strata", "strata-rootless"):
+    for s, suffix in (("strata", ""), ("strata-rootless", "-rootless")):
         if s in targets:
-            for ref in ("fo1", "fo2"):
+            for ref in ("fo1" + suffix, "fo2" + suffix):
                 if ref in targets:
                     cols.append((f"{s}/{ref}", s, ref))
     return cols
@@ -970,27 +972,30 @@ def tables(summary, metrics, targets):
 def text_table(summary, metrics, targets):
     cols = ratio_cols(targets)
     w0 = max(len(m) for m, _ in metrics) + 2
-    head = f"{'workload':<{w0}}{'unit':<7}" + "".join(f"{t:>17}" for t in targets) + \
-        "".join(f"{c[0]:>22}" for c in cols)
+    tw = [max(10, len(t)) + 2 for t in targets]
+    cw = [len(c[0]) + 2 for c in cols]
+    head = f"{'workload':<{w0}}{'unit':<7}" + "".join(f"{t:>{w}}" for t, w in zip(targets, tw)) \
+        + "".join(f"{c[0]:>{w}}" for c, w in zip(cols, cw))
     out = [head, "-" * len(head)]
     for m, unit in metrics:
         row = f"{m:<{w0}}{unit:<7}"
-        for t in targets:
+        for t, w in zip(targets, tw):
             s = summary[m].get(t)
             v = "n/a" if not s or s.get("skipped") else (
                 "ERR" if s["median"] is None else fmt(s["median"], unit) +
                 ("*" if s["errors"] else ""))
-            row += f"{v:>17}"
-        for _, a, b in cols:
+            row += f"{v:>{w}}"
+        for (_, a, b), w in zip(cols, cw):
             sa, sb = summary[m].get(a), summary[m].get(b)
             r = slowdown(sa and sa["median"], sb and sb["median"], unit)
-            row += f"{(f'{r:.2f}' if r is not None else '-'):>22}"
+            row += f"{(f'{r:.2f}' if r is not None else '-'):>{w}}"
         out.append(row)
     return out
 
 
 COLORS = {"fo1": "#d62728", "fo2": "#ff7f0e", "strata": "#1f77b4",
-          "strata-rootless": "#17becf", "fo1-rootless": "#9467bd", "plain": "#7f7f7f"}
+          "strata-rootless": "#17becf", "fo1-rootless": "#9467bd", "fo2-rootless": "#e377c2",
+          "plain": "#7f7f7f"}
 
 
 def svg_chart(summary, metrics, targets, title):

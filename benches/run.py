@@ -1062,7 +1062,9 @@ def svg_chart(summary, metrics, targets, title):
 def version_of(binary):
     try:
         r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
-        return ((r.stdout or r.stderr).strip().splitlines() or ["?"])[0]
+        lines = (r.stdout + r.stderr).strip().splitlines() or ["?"]
+        # fuse-overlayfs 1.10 prints fusermount3's version first.
+        return next((ln for ln in lines if "overlayfs" in ln or "stratafs" in ln), lines[0])
     except Exception as e:
         return f"unknown ({e})"
 
@@ -1298,6 +1300,9 @@ def main():
     if svg:
         with open(base + ".svg", "w") as f:
             f.write(svg)
+        # A PNG of the same chart where librsvg's converter is installed (librsvg2-bin).
+        if shutil.which("rsvg-convert"):
+            subprocess.run(["rsvg-convert", "-o", base + ".png", base + ".svg"], check=False)
         md += ["", f"![slowdown vs kernel]({os.path.basename(base)}.svg)",
                "(SVG drawn by run.py: matplotlib is not installed; log scale, >1 = slower "
                "than kernel overlayfs.)"]

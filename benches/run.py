@@ -538,38 +538,40 @@ FIND = "find . | wc -l"
 STAT = "find . -printf '%s %i\\n' | wc -l"
 
 
+def timed_walk(c, cmd, warm, what):
+    """Times `cmd` (a walk printing one line per entry, counted by `wc -l`) after dropping the
+    caches, or after one untimed run when `warm`, and checks it saw every merged entry."""
+    if warm:
+        c.run(cmd)
+    else:
+        c.drop()
+    dt, out = c.timed(cmd, capture=True)
+    check_count(out, c.meta["merged_entries"] + 1, what)
+    return dt
+
+
 @workload("find-cold", "metadata")
 def w_find_cold(c):
     """`find . | wc -l` over the merged tree, caches dropped first."""
-    c.drop()
-    dt, out = c.timed(FIND, capture=True)
-    check_count(out, c.meta["merged_entries"] + 1, "find")
-    return dt
+    return timed_walk(c, FIND, False, "find")
 
 
 @workload("find-warm", "metadata")
 def w_find_warm(c):
     """`find . | wc -l` again after a first walk."""
-    c.run(FIND)
-    dt, out = c.timed(FIND, capture=True)
-    check_count(out, c.meta["merged_entries"] + 1, "find")
-    return dt
+    return timed_walk(c, FIND, True, "find")
 
 
 @workload("stat-cold", "metadata")
 def w_stat_cold(c):
     """`find . -printf '%s %i\\n'`: lstat of every entry, caches dropped first."""
-    c.drop()
-    dt, out = c.timed(STAT, capture=True)
-    check_count(out, c.meta["merged_entries"] + 1, "stat walk")
-    return dt
+    return timed_walk(c, STAT, False, "stat walk")
 
 
 @workload("stat-warm", "metadata")
 def w_stat_warm(c):
     """The stat walk again after a first one."""
-    c.run(STAT)
-    return c.timed(STAT)
+    return timed_walk(c, STAT, True, "stat walk")
 
 
 @workload("ls-lR-cold", "metadata")

@@ -5,15 +5,15 @@ pub mod passthrough;
 pub mod session;
 
 use std::ffi::OsStr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType as FuseFileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType as FuseFileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{FileType, Stat};
 use tracing::{debug, info, warn};
@@ -71,6 +71,28 @@ impl OverlayFs {
             true => FopenFlags::empty(),
             false => extra | FopenFlags::FOPEN_KEEP_CACHE,
         }
+    }
+
+    /// How the new handle `fh` of `ino`, opened with `open(2)` `flags`, does its I/O (see
+    /// [`Passthrough`]); `register` is the reply's `open_backing`.
+    fn io_mode(
+        &self,
+        ino: u64,
+        fh: u64,
+        flags: i32,
+        register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> Result<OpenMode, Error> {
+        let (fd, layer) = self.ovl.handle_real(fh)?;
+        let real = RealOpen {
+            fd: fd.as_fd(),
+            lower: layer != LayerIdx::UPPER,
+            write: wants_write(flags),
+        };
+        let mode = self.passthrough.open(ino, fh, real, register);
+        if matches!(mode, OpenMode::Busy) {
+            self.ovl.release(fh);
+        }
+        Ok(mode)
     }
 
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Error> {
@@ -376,29 +398,18 @@ impl Filesystem for OverlayFs {
         debug!(op = "open", ino = ino.0, flags = flags.0);
         let res = self.node(ino).and_then(|n| {
             let fh = self.ovl.open(&n, flags.0)?;
-            Ok((fh, self.ovl.handle_real(fh)?))
+            let mode = self.io_mode(ino.0, fh, flags.0, |fd| reply.open_backing(fd))?;
+            Ok((fh, mode))
         });
-        let (fh, (fd, layer)) = match res {
-            Ok(v) => v,
-            Err(e) => return reply.error(Self::fail("open", &e)),
-        };
-        let real = RealOpen {
-            fd: fd.as_fd(),
-            lower: layer != LayerIdx::UPPER,
-            write: wants_write(flags.0),
-        };
-        match self
-            .passthrough
-            .open(ino.0, fh, real, |fd| reply.open_backing(fd))
-        {
-            OpenMode::Passthrough(id) => {
+        match res {
+            Ok((fh, OpenMode::Passthrough(id))) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
-            OpenMode::Cached => reply.opened(FileHandle(fh), self.cache_flags(FopenFlags::empty())),
-            OpenMode::Busy => {
-                self.ovl.release(fh);
-                reply.error(Errno::ETXTBSY)
+            Ok((fh, OpenMode::Cached)) => {
+                reply.opened(FileHandle(fh), self.cache_flags(FopenFlags::empty()))
             }
+            Ok((_, OpenMode::Busy)) => reply.error(Errno::ETXTBSY),
+            Err(e) => reply.error(Self::fail("open", &e)),
         }
     }
 
@@ -713,19 +724,11 @@ impl Filesystem for OverlayFs {
             Err(e) => return reply.error(Self::fail("create", &e)),
         };
         let (attr, generation) = (file_attr(&e.stat), Generation(e.node.generation));
-        let fd = match self.ovl.handle_fd(fh) {
-            Ok(fd) => fd,
+        let mode = match self.io_mode(e.node.ino.0, fh, flags, |fd| reply.open_backing(fd)) {
+            Ok(mode) => mode,
             Err(err) => return reply.error(Self::fail("create", &err)),
         };
-        let real = RealOpen {
-            fd: fd.as_fd(),
-            lower: false,
-            write: wants_write(flags),
-        };
-        match self
-            .passthrough
-            .open(e.node.ino.0, fh, real, |fd| reply.open_backing(fd))
-        {
+        match mode {
             OpenMode::Passthrough(id) => reply.created_passthrough(
                 &self.ttl,
                 &attr,
@@ -734,11 +737,8 @@ impl Filesystem for OverlayFs {
                 FopenFlags::empty(),
                 &id,
             ),
-            OpenMode::Busy => {
-                // A new file cannot share a backing id; undo as little as needed.
-                self.ovl.release(fh);
-                reply.error(Errno::ETXTBSY)
-            }
+            // Cannot happen to a new file; refused like any other busy open.
+            OpenMode::Busy => reply.error(Errno::ETXTBSY),
             OpenMode::Cached => reply.created(
                 &self.ttl,
                 &attr,

@@ -26,14 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fuser::BackingId;
 use tracing::{debug, info};
 
-/// Which real file an inode's backing id stands for: (st_dev, st_ino).
-type RealId = (u64, u64);
-
 /// The backing file of one inode, shared by its passthrough opens.
 struct Backing {
     id: Arc<BackingId>,
-    real: RealId,
-    /// The backing file is in a lower layer: the file must not change while it is open.
+    /// The backing file is in a lower layer: the file must not change while it is open. An
+    /// inode's real file changes only by a copy-up (lower to upper), so this also tells
+    /// whether a new open is on the same real file.
     lower: bool,
     opens: usize,
 }
@@ -146,13 +144,10 @@ impl Passthrough {
         if !self.enabled() {
             return cached(io);
         }
-        let Ok(real) = rustix::fs::fstat(open.fd).map(|s| (s.st_dev, s.st_ino)) else {
-            return cached(io);
-        };
         if let Some(b) = io.backing.as_mut() {
-            if b.real != real && (open.write || !b.lower) {
-                // The only way the real file changes under open handles is a copy-up of a
-                // lower file (an upper file stays where it is).
+            if b.lower != open.lower && (open.write || !b.lower) {
+                // Copied up since the backing was registered, and this open could change the
+                // copy (or, impossibly, back from upper to lower).
                 return (None, OpenMode::Busy);
             }
             // A read-only open of the copy of a pinned lower file reads the same data there.
@@ -167,7 +162,6 @@ impl Passthrough {
                 let id = Arc::new(id);
                 io.backing = Some(Backing {
                     id: id.clone(),
-                    real,
                     lower: open.lower,
                     opens: 1,
                 });

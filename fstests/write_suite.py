@@ -196,6 +196,9 @@ FILE_OPS = {
     "flock-and-posix-lock": "python3 -c 'import fcntl,os; fd=os.open(\"{t}\", os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); fcntl.lockf(fd, fcntl.LOCK_EX); os.write(fd, b\"L\"); pid=os.fork(); exec(\"if pid == 0:\\n  fd2=os.open(\\\"{t}\\\", os.O_RDWR)\\n  try: fcntl.lockf(fd2, fcntl.LOCK_EX|fcntl.LOCK_NB); print(\\\"got lock\\\")\\n  except OSError as e: print(\\\"lock busy\\\", e.errno)\\n  os._exit(0)\"); os.waitpid(pid, 0) if pid else None'",
     "touch-mtime-only": "touch -m -d '2012-03-04' {t} && stat -c '%y' {t} | cut -c1-4",
     "touch-atime-only": "touch -a -d '2012-03-04' {t} && stat -c '%x %y' {t} | cut -c1-4,37-40",
+    "setfacl": "setfacl -m u:1000:r {t} && getfacl -cp {t}",
+    "setfacl-then-chmod": "setfacl -m u:1000:rw {t} && chmod 604 {t} && getfacl -cp {t}",
+    "acl-denies-other-user": "chmod 644 {t} && setfacl -m u:1000:- {t} && setpriv --reuid=1000 --regid=1000 --clear-groups head -c 3 {t} 2>&1 | sed 's/^head: //'; setpriv --reuid=1001 --regid=1001 --clear-groups head -c 3 {t} 2>&1 | sed 's/^head: //'",
     "unlink-open-fstat": "python3 -c 'import os; fd=os.open(\"{t}\", os.O_RDWR); os.unlink(\"{t}\"); os.write(fd,b\"z\"); s=os.fstat(fd); print(s.st_nlink, s.st_size)'",
 }
 
@@ -228,6 +231,7 @@ NEW_OPS = {
     "link-lower": "ln lower/f {t}",
     "create-excl-twice": "python3 -c 'import os; os.close(os.open(\"{t}\", os.O_CREAT|os.O_EXCL|os.O_WRONLY, 0o640))' && python3 -c 'import os; os.open(\"{t}\", os.O_CREAT|os.O_EXCL|os.O_WRONLY)' 2>&1 | tail -1",
     "mkdir-setgid-mode": "mkdir -m 2750 {t}",
+    "create-under-default-acl": "setfacl -d -m u:1000:rwx -m o::- $(dirname {t}) && (umask 022; echo x > {t}; mkdir {t}.d) && getfacl -cp {t} {t}.d",
 }
 
 

@@ -173,6 +173,15 @@ impl Filesystem for OverlayFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        // The kernel checks POSIX ACLs itself (as overlayfs does with the real files') and
+        // caches them: no getxattr(system.posix_acl_access) round trip per `ls -l`. It then
+        // leaves the umask to us, which applies it only where no default ACL does instead.
+        if self.ovl.cfg.acl
+            && (config.add_capabilities(InitFlags::FUSE_POSIX_ACL).is_err()
+                || config.add_capabilities(InitFlags::FUSE_DONT_MASK).is_err())
+        {
+            warn!("the kernel has no FUSE POSIX ACL support: ACLs are not enforced");
+        }
         let _ = config.set_max_readahead(1 << 20);
         // Passthrough needs the capability and a stacking depth: our backing files sit on a
         // plain filesystem (depth 0), so we are depth 1 and may still be an overlay's lower.
@@ -269,7 +278,7 @@ impl Filesystem for OverlayFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -281,7 +290,7 @@ impl Filesystem for OverlayFs {
                     name,
                     mode,
                     NewObject::Node(u64::from(rdev)),
-                    caller(req),
+                    caller(req, umask),
                 )
                 .map(|(e, _)| e)
         });
@@ -294,7 +303,7 @@ impl Filesystem for OverlayFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         debug!(op = "mkdir", parent = parent.0, ?name, mode);
@@ -305,7 +314,7 @@ impl Filesystem for OverlayFs {
                     name,
                     libc::S_IFDIR | (mode & 0o7777),
                     NewObject::Dir,
-                    caller(req),
+                    caller(req, umask),
                 )
                 .map(|(e, _)| e)
         });
@@ -344,7 +353,7 @@ impl Filesystem for OverlayFs {
                     link_name,
                     libc::S_IFLNK | 0o777,
                     NewObject::Symlink(target.as_os_str()),
-                    caller(req),
+                    caller(req, 0),
                 )
                 .map(|(e, _)| e)
         });
@@ -699,7 +708,7 @@ impl Filesystem for OverlayFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -711,7 +720,7 @@ impl Filesystem for OverlayFs {
                 name,
                 libc::S_IFREG | (mode & 0o7777),
                 NewObject::File(oflags),
-                caller(req),
+                caller(req, umask),
             )?;
             let fd = fd.ok_or(Error::Internal("create returned no descriptor"))?;
             let fh = self
@@ -804,10 +813,11 @@ impl Filesystem for OverlayFs {
 }
 
 /// The credentials new objects are created with.
-fn caller(req: &Request) -> Caller {
+fn caller(req: &Request, umask: u32) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        umask,
     }
 }
 

@@ -190,8 +190,11 @@ fn fuser_config(cfg: &Config, source: Option<&str>) -> fuser::Config {
     } else {
         SessionACL::Owner
     };
+    // More threads than CPUs: a request is answered sooner by a thread already waiting on
+    // /dev/fuse than by one still returning from its last reply (measured on 2 CPUs: a warm
+    // `ls -lR` of 59k entries took 4.7 s with 2 threads, 3.5 s with 4 to 8, 8 s with 1).
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    config.n_threads = Some(cpus.clamp(2, 16));
+    config.n_threads = Some((2 * cpus).clamp(4, 16));
     config.clone_fd = true;
     config
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use rustix::fs::{FileType, OFlags};
 
 use crate::error::{Error, Result};
+use crate::ovl::acl;
 use crate::ovl::copy_up::{RENAME_EXCHANGE, RENAME_NOREPLACE, TempGuard};
 use crate::ovl::inode::{Node, NodeState};
 use crate::ovl::layer::LayerIdx;
@@ -29,6 +30,9 @@ pub struct Caller {
     pub uid: u32,
     /// fsgid.
     pub gid: u32,
+    /// The caller's umask, applied here where the parent has no default ACL (0 when the
+    /// kernel applied it already).
+    pub umask: u32,
 }
 
 /// What is at a name in the upper layer, before something is created there.
@@ -93,7 +97,17 @@ impl Overlay {
             caller.gid
         };
         let is_dir = matches!(what, NewObject::Dir);
-        let mut perm = mode & 0o7777;
+        let parent_default = match self.cfg.acl {
+            true => acl::parent_default(udir.as_fd())?,
+            false => None,
+        };
+        let acls = acl::for_new_object(
+            mode & 0o7777,
+            caller.umask,
+            is_dir,
+            parent_default.as_deref(),
+        )?;
+        let mut perm = acls.perm;
         if is_dir && sgid_parent {
             perm |= libc::S_ISGID;
         }
@@ -114,6 +128,9 @@ impl Overlay {
             // chown may have cleared set-id bits; and the daemon's umask is 0, so this is the
             // mode the caller asked for.
             vfs::do_chmod(dir, &obj_name, perm)?;
+            if acls.access.is_some() || acls.default.is_some() {
+                set_acls(dir, &obj_name, &acls)?;
+            }
         }
         if let Some(g) = guard.as_mut() {
             if is_dir {
@@ -459,6 +476,17 @@ fn upper_slot(udir: BorrowedFd<'_>, name: &OsStr) -> Result<UpperSlot> {
 }
 
 /// Creates the object itself (no owner or final mode yet).
+/// Writes the ACLs a new object inherits (see [`acl`]).
+fn set_acls(dir: BorrowedFd<'_>, name: &OsStr, acls: &acl::NewAcls) -> Result<()> {
+    let fd = sys::fs::open_path(dir, name).map_err(|e| Error::io("open new object", e))?;
+    for (xattr, value) in [(acl::ACCESS, &acls.access), (acl::DEFAULT, &acls.default)] {
+        if let Some(v) = value {
+            vfs::do_setxattr(fd.as_fd(), OsStr::new(xattr), v, 0)?;
+        }
+    }
+    Ok(())
+}
+
 fn make(
     dir: BorrowedFd<'_>,
     name: &OsStr,

@@ -6,6 +6,7 @@
 //! directory listings ([`readdir`]), open files ([`file`]) and extended attributes
 //! ([`xattr`]).
 
+pub mod acl;
 pub mod copy_up;
 pub mod dir;
 pub mod file;

@@ -61,6 +61,9 @@ pub struct Config {
     /// files' real files itself where it allows it (privileged mounts on Linux 6.9+); off
     /// with `passthrough=off`, and with `fsync=0`/`volatile` (passthrough would bypass them).
     pub passthrough: bool,
+    /// POSIX ACLs (`noacl` turns them off, as in fuse-overlayfs): the kernel checks and caches
+    /// them, and new objects inherit default ACLs.
+    pub acl: bool,
     /// `index=` was given (not just the default).
     pub index_explicit: bool,
 }
@@ -131,6 +134,7 @@ impl Default for Config {
             redirect_dir: RedirectDir::On,
             metacopy: true,
             passthrough: true,
+            acl: true,
             index: true,
             index_explicit: false,
         }
@@ -230,6 +234,8 @@ impl Config {
             },
             "metacopy" => self.metacopy = flag(value)?,
             "passthrough" => self.passthrough = flag(value)?,
+            "noacl" => self.acl = false,
+            "acl" => self.acl = true,
             "index" => {
                 self.index = flag(value)?;
                 self.index_explicit = true;
@@ -266,7 +272,7 @@ impl Config {
             "fsname" => self.fuse.fsname = value.map(str::to_string),
             "" => {}
             // Everything else fuse-overlayfs accepts but we do not apply yet (uidmapping=,
-            // squash_to_*, xattr_permissions=, noacl, plugins=, ...) and anything unknown.
+            // squash_to_*, xattr_permissions=, plugins=, ...) and anything unknown.
             _ => self.ignored.push(opt.to_string()),
         }
         Ok(())

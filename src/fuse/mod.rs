@@ -501,29 +501,31 @@ impl Filesystem for OverlayFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!(op = "opendir", ino = ino.0);
-        match self.node(ino).and_then(|n| self.ovl.opendir(n)) {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                self.cache_flags(FopenFlags::FOPEN_CACHE_DIR),
-            ),
-            Err(e) => reply.error(Self::fail("opendir", &e)),
+        // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
+        // directory walked) and caches every listing (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
+        // dropping it itself when the directory changes through the mount. Reads name their
+        // listing by offset instead of handle (see `Listings`). Only `timeout=0` asks for
+        // listings not to be cached, which needs an open reply without those flags.
+        match self.ttl.is_zero() {
+            true => reply.opened(FileHandle(0), FopenFlags::empty()),
+            false => reply.error(Errno::ENOSYS),
         }
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        debug!(op = "readdir", fh = fh.0, offset);
-        match self.ovl.readdir(fh.0, offset) {
-            Ok((_, entries)) => {
-                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        debug!(op = "readdir", ino = ino.0, offset);
+        match self.node(ino).and_then(|d| self.ovl.readdir(&d, offset)) {
+            Ok(listing) => {
+                for (i, e) in listing.entries.iter().enumerate().skip(listing.start) {
                     let kind = fuse_file_type(e.file_type);
-                    if reply.add(INodeNo(e.ino.0), i as u64 + 1, kind, &e.name) {
+                    if reply.add(INodeNo(e.ino.0), listing.offset_after(i), kind, &e.name) {
                         break;
                     }
                 }
@@ -536,18 +538,21 @@ impl Filesystem for OverlayFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        debug!(op = "readdirplus", fh = fh.0, offset);
-        let (dir, entries) = match self.ovl.readdir(fh.0, offset) {
+        debug!(op = "readdirplus", ino = ino.0, offset);
+        let (dir, listing) = match self
+            .node(ino)
+            .and_then(|d| self.ovl.readdir(&d, offset).map(|l| (d, l)))
+        {
             Ok(v) => v,
             Err(e) => return reply.error(Self::fail("readdirplus", &e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for (i, e) in listing.entries.iter().enumerate().skip(listing.start) {
+            let next = listing.offset_after(i);
             if is_dot_or_dotdot(&e.name) {
                 // Not counted as lookups by the kernel.
                 let target = if e.name == "." {
@@ -598,18 +603,6 @@ impl Filesystem for OverlayFs {
                 }
             }
         }
-        reply.ok();
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.ovl.releasedir(fh.0);
         reply.ok();
     }
 

@@ -52,7 +52,7 @@ pub struct Overlay {
     /// tree cannot exhaust descriptors; a miss costs one `openat2` from the parent's handle.
     dir_fds: Mutex<LruCache<(Ino, LayerIdx), Arc<OwnedFd>>>,
     files: file::FileTable,
-    dirs: readdir::DirTable,
+    dirs: readdir::Listings,
     upper: Option<UpperCtx>,
     /// Tells the kernel to drop its cached attributes of an inode (set by the FUSE adapter;
     /// the core only knows that such a hook exists).
@@ -245,7 +245,7 @@ impl Overlay {
             inomap,
             dir_fds: Mutex::new(LruCache::new(cap)),
             files: file::FileTable::default(),
-            dirs: readdir::DirTable::default(),
+            dirs: readdir::Listings::default(),
             upper,
             invalidate_attrs: InvalidatorSlot::default(),
             origins: Mutex::new(HashMap::new()),

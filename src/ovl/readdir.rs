@@ -1,15 +1,16 @@
 //! Merged directory listings (kernel `fs/overlayfs/readdir.c`).
 //!
-//! A listing is built once per open directory stream, when it is read from offset 0 (open or
-//! `rewinddir`), and kept for the stream's life: offsets are indices into it, so `telldir` /
-//! `seekdir` are stable and unlinks during the walk do not shift entries, as with the kernel's
-//! per-open `ovl_dir_cache`.
+//! A listing is built when a directory is read from offset 0 (open or `rewinddir`) and kept
+//! while it is read (see [`Listings`]): offsets name it and index into it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
+use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use lru::LruCache;
 
 use rustix::fs::FileType;
 
@@ -29,39 +30,60 @@ pub struct DirEntry {
     pub file_type: FileType,
 }
 
-/// An open directory stream.
+/// Listings being read, by directory inode and generation.
+///
+/// Why not per open stream: the kernel opens our directories without asking (OPENDIR answers
+/// ENOSYS, which saves an OPENDIR and a RELEASEDIR round trip per directory and lets the kernel
+/// cache listings), so a read names its listing by the offset we gave out: the generation in
+/// the high 32 bits, the index in the low ones. A read at offset 0 (open, `rewinddir`) builds a
+/// new generation, so `telldir`/`seekdir` stay stable and unlinks during a walk do not shift
+/// entries, as with the kernel's per-open `ovl_dir_cache`. A listing read to its end is
+/// dropped; abandoned ones fall out of a small LRU. A read of a dropped generation rebuilds it.
 #[derive(Debug)]
-struct DirHandle {
-    node: Arc<Node>,
-    listing: Mutex<Option<Arc<Vec<DirEntry>>>>,
+pub struct Listings {
+    map: Mutex<ListingCache>,
+    next_gen: AtomicU32,
 }
 
-/// Open directory streams by handle number.
-#[derive(Debug, Default)]
-pub struct DirTable {
-    map: RwLock<HashMap<u64, Arc<DirHandle>>>,
-    next: AtomicU64,
+/// Listings by (directory, generation).
+type ListingCache = LruCache<(Ino, u32), Arc<Vec<DirEntry>>>;
+
+/// Listings kept for streams still reading (each is dropped at its end anyway).
+const LISTINGS_KEPT: NonZeroUsize = NonZeroUsize::new(64).expect("nonzero");
+
+impl Default for Listings {
+    fn default() -> Self {
+        Listings {
+            map: Mutex::new(LruCache::new(LISTINGS_KEPT)),
+            next_gen: AtomicU32::new(1),
+        }
+    }
+}
+
+/// The part of a listing one READDIR(PLUS) serves.
+#[derive(Debug)]
+pub struct ListingRead {
+    /// The whole listing.
+    pub entries: Arc<Vec<DirEntry>>,
+    /// Index of the first entry to return.
+    pub start: usize,
+    generation: u32,
+}
+
+impl ListingRead {
+    /// The offset the kernel passes back to continue after entry `i`.
+    pub fn offset_after(&self, i: usize) -> u64 {
+        (u64::from(self.generation) << 32) | (i as u64 + 1)
+    }
+}
+
+impl Listings {
+    fn lock(&self) -> MutexGuard<'_, ListingCache> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Overlay {
-    /// Opens a directory stream on `node`.
-    pub fn opendir(&self, node: Arc<Node>) -> Result<u64> {
-        if !node.is_dir() {
-            return Err(Error::NotDir);
-        }
-        let fh = self.dirs.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let handle = Arc::new(DirHandle {
-            node,
-            listing: Mutex::new(None),
-        });
-        self.dirs
-            .map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, handle);
-        Ok(fh)
-    }
-
     /// fsync of a directory: its upper copy, if it has one (nothing else can be dirty).
     pub fn fsyncdir(&self, dir: &Node, datasync: bool) -> Result<()> {
         if !self.cfg.fsync || !dir.is_upper() {
@@ -81,36 +103,39 @@ impl Overlay {
         res.map_err(|e| Error::io("fsyncdir", e.into()))
     }
 
-    /// Closes a directory stream.
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs
-            .map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&fh);
-    }
-
-    /// The listing of stream `fh` to serve a read at `offset`; rebuilt at offset 0.
-    /// Entry `i` of the result has offset `i + 1` (the offset of the entry after it).
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<(Arc<Node>, Arc<Vec<DirEntry>>)> {
-        let handle = self
-            .dirs
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&fh)
-            .cloned()
-            .ok_or(Error::BadHandle(fh))?;
-        let mut listing = handle.listing.lock().unwrap_or_else(|e| e.into_inner());
-        let entries = match (&*listing, offset) {
-            (Some(l), o) if o != 0 => l.clone(),
-            _ => {
-                let l = Arc::new(self.read_merged(&handle.node)?);
-                *listing = Some(l.clone());
-                l
-            }
+    /// The listing of directory `dir` to serve a read at `offset` (see [`Listings`]); a new
+    /// one at offset 0.
+    pub fn readdir(&self, dir: &Node, offset: u64) -> Result<ListingRead> {
+        if !dir.is_dir() {
+            return Err(Error::NotDir);
+        }
+        let (generation, start) = match offset {
+            0 => (
+                self.dirs.next_gen.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff,
+                0,
+            ),
+            o => ((o >> 32) as u32 & 0x7fff_ffff, (o & 0xffff_ffff) as usize),
         };
-        Ok((handle.node.clone(), entries))
+        let key = (dir.ino, generation);
+        let cached = match offset {
+            0 => None,
+            _ => self.dirs.lock().get(&key).cloned(),
+        };
+        let entries = match cached {
+            Some(l) => l,
+            None => Arc::new(self.read_merged(dir)?),
+        };
+        let mut map = self.dirs.lock();
+        if start >= entries.len() {
+            map.pop(&key);
+        } else {
+            map.put(key, entries.clone());
+        }
+        Ok(ListingRead {
+            entries,
+            start,
+            generation,
+        })
     }
 
     /// What a directory stream shows for entry `e` of `dir` whose name is gone since the

@@ -5,6 +5,7 @@
 mod support;
 
 mod cli_errors;
+mod listings;
 mod mount_life;
 mod passthrough;
 mod safety;

@@ -14,6 +14,7 @@ pub mod index;
 pub mod inode;
 pub mod layer;
 pub mod namei;
+pub mod names;
 pub mod params;
 pub mod readdir;
 pub mod rename;
@@ -53,6 +54,9 @@ pub struct Overlay {
     dir_fds: Mutex<LruCache<(Ino, LayerIdx), Arc<OwnedFd>>>,
     files: file::FileTable,
     dirs: readdir::Listings,
+    /// Names of lower directories read for listings, so lookups skip layers without the name;
+    /// `None` with `timeout=0`, where nothing is cached.
+    lower_names: Option<names::LowerNames>,
     upper: Option<UpperCtx>,
     /// Tells the kernel to drop its cached attributes of an inode (set by the FUSE adapter;
     /// the core only knows that such a hook exists).
@@ -221,6 +225,7 @@ impl Overlay {
         let inodes = InodeTable::default();
         inodes.set_root(root);
         let cap = NonZeroUsize::new(fd_budget.max(64)).unwrap_or(NonZeroUsize::MIN);
+        let lower_names = (!cfg.timeout.is_zero()).then(names::LowerNames::default);
         let upper = match (&layers.work, cfg.is_read_only()) {
             (Some(work), false) => {
                 let work = work.try_clone().map_err(|e| Error::io("dup workdir", e))?;
@@ -246,6 +251,7 @@ impl Overlay {
             dir_fds: Mutex::new(LruCache::new(cap)),
             files: file::FileTable::default(),
             dirs: readdir::Listings::default(),
+            lower_names,
             upper,
             invalidate_attrs: InvalidatorSlot::default(),
             origins: Mutex::new(HashMap::new()),

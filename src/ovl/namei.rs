@@ -350,7 +350,14 @@ impl Overlay {
     /// real directory, or at an absolute path from the layer root.
     fn probe_layer(&self, parent: &Node, pr: &Real, name: &OsStr, target: &Loc) -> Result<Probe> {
         let (dir, leaf): (Arc<OwnedFd>, OsString) = match target {
-            Loc::Same => (self.real_dir_fd(parent, pr.layer)?, name.to_owned()),
+            Loc::Same => {
+                let dir = self.real_dir_fd(parent, pr.layer)?;
+                let known = self.lower_names.as_ref();
+                if known.and_then(|n| n.may_hold(parent.ino, pr.layer, &dir, name)) == Some(false) {
+                    return Ok(Probe::Missing);
+                }
+                (dir, name.to_owned())
+            }
             Loc::Renamed(n) => (self.real_dir_fd(parent, pr.layer)?, n.clone()),
             Loc::Abs(path) => {
                 let root = self

@@ -5,6 +5,7 @@
 mod support;
 
 mod cli_errors;
+mod deep_lookups;
 mod listings;
 mod mount_life;
 mod passthrough;

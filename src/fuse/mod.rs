@@ -73,6 +73,21 @@ impl OverlayFs {
         }
     }
 
+    /// Open flags of a file handle that does its I/O through us (not passthrough). A
+    /// write-only handle skips our inodes' page cache (`FOPEN_DIRECT_IO`): the data is cached
+    /// once, by the upper filesystem, instead of twice, and the writer's pages go to us
+    /// without being copied into cache pages first (a rootless `dd` of 1 GiB: 3.4 s -> see
+    /// the benchmarks). Nothing can map such a handle (mmap needs read access), and the
+    /// kernel drops cached pages of the range a direct write covers, so other handles stay
+    /// coherent (`FUSE_DIRECT_IO_ALLOW_MMAP` makes it also flush them first).
+    fn cached_open_flags(&self, open_flags: i32) -> FopenFlags {
+        if open_flags & libc::O_ACCMODE == libc::O_WRONLY {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            self.cache_flags(FopenFlags::empty())
+        }
+    }
+
     /// How the new handle `fh` of `ino`, opened with `open(2)` `flags`, does its I/O (see
     /// [`Passthrough`]); `register` is the reply's `open_backing`.
     fn io_mode(
@@ -170,6 +185,9 @@ impl Filesystem for OverlayFs {
             // we write or truncate as the mounter (kernel >= 6.2 kills suid for every writer),
             // so the kernel may skip its getxattr(security.capability) before every write.
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // Direct writes (write-only handles) flush and drop the range's cached pages on
+            // every kernel version, not only where that is unconditional.
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -415,7 +433,7 @@ impl Filesystem for OverlayFs {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
             Ok((fh, OpenMode::Cached)) => {
-                reply.opened(FileHandle(fh), self.cache_flags(FopenFlags::empty()))
+                reply.opened(FileHandle(fh), self.cached_open_flags(flags.0))
             }
             Ok((_, OpenMode::Busy)) => reply.error(Errno::ETXTBSY),
             Err(e) => reply.error(Self::fail("open", &e)),
@@ -746,7 +764,7 @@ impl Filesystem for OverlayFs {
                 &attr,
                 generation,
                 FileHandle(fh),
-                self.cache_flags(FopenFlags::empty()),
+                self.cached_open_flags(flags),
             ),
         }
     }

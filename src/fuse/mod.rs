@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::fuse::passthrough::{OpenMode, Passthrough, RealOpen};
 use crate::ovl::dir::{Caller, NewObject};
 use crate::ovl::file::wants_write;
+use crate::ovl::idmap::IdMap;
 use crate::ovl::inode::{Ino, Node};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::readdir::is_dot_or_dotdot;
@@ -118,7 +119,7 @@ impl OverlayFs {
         match res {
             Ok(e) => reply.entry(
                 &self.ttl,
-                &file_attr(&e.stat),
+                &file_attr(&e.stat, &self.ovl.cfg.ids),
                 Generation(e.node.generation),
             ),
             Err(e) => reply.error(Self::fail(op, &e)),
@@ -126,8 +127,9 @@ impl OverlayFs {
     }
 }
 
-/// Converts an overlay `Stat` into fuser's attribute record.
-fn file_attr(st: &Stat) -> FileAttr {
+/// Converts an overlay `Stat` into fuser's attribute record, with the owner as the mount
+/// shows it (`ids`).
+fn file_attr(st: &Stat, ids: &IdMap) -> FileAttr {
     FileAttr {
         ino: INodeNo(st.st_ino),
         size: st.st_size as u64,
@@ -139,8 +141,8 @@ fn file_attr(st: &Stat) -> FileAttr {
         kind: fuse_file_type(FileType::from_raw_mode(st.st_mode)),
         perm: (st.st_mode & 0o7777) as u16,
         nlink: st.st_nlink as u32,
-        uid: st.st_uid,
-        gid: st.st_gid,
+        uid: ids.uids.shown(st.st_uid),
+        gid: ids.gids.shown(st.st_gid),
         // FUSE carries the kernel's 32-bit "new" device encoding, which matches the low 32
         // bits of glibc's for every major/minor that fits.
         rdev: st.st_rdev as u32,
@@ -237,7 +239,7 @@ impl Filesystem for OverlayFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!(op = "getattr", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.getattr(&n)) {
-            Ok(st) => reply.attr(&self.ttl, &file_attr(&st)),
+            Ok(st) => reply.attr(&self.ttl, &file_attr(&st, &self.ovl.cfg.ids)),
             Err(e) => reply.error(Self::fail("getattr", &e)),
         }
     }
@@ -265,10 +267,11 @@ impl Filesystem for OverlayFs {
             // Readers see the lower file through passthrough: it must not change under them.
             return reply.error(Errno::ETXTBSY);
         }
+        let ids = &self.ovl.cfg.ids;
         let attr = SetAttr {
             mode,
-            uid,
-            gid,
+            uid: uid.map(|u| ids.uids.disk(u)),
+            gid: gid.map(|g| ids.gids.disk(g)),
             size,
             atime: atime.map(time_spec),
             mtime: mtime.map(time_spec),
@@ -277,7 +280,7 @@ impl Filesystem for OverlayFs {
             .node(ino)
             .and_then(|n| self.ovl.setattr(&n, attr, fh.map(|f| f.0)))
         {
-            Ok(st) => reply.attr(&self.ttl, &file_attr(&st)),
+            Ok(st) => reply.attr(&self.ttl, &file_attr(&st, &self.ovl.cfg.ids)),
             Err(e) => reply.error(Self::fail("setattr", &e)),
         }
     }
@@ -308,7 +311,7 @@ impl Filesystem for OverlayFs {
                     name,
                     mode,
                     NewObject::Node(u64::from(rdev)),
-                    caller(req, umask),
+                    caller(req, umask, &self.ovl.cfg.ids),
                 )
                 .map(|(e, _)| e)
         });
@@ -332,7 +335,7 @@ impl Filesystem for OverlayFs {
                     name,
                     libc::S_IFDIR | (mode & 0o7777),
                     NewObject::Dir,
-                    caller(req, umask),
+                    caller(req, umask, &self.ovl.cfg.ids),
                 )
                 .map(|(e, _)| e)
         });
@@ -371,7 +374,7 @@ impl Filesystem for OverlayFs {
                     link_name,
                     libc::S_IFLNK | 0o777,
                     NewObject::Symlink(target.as_os_str()),
-                    caller(req, 0),
+                    caller(req, 0, &self.ovl.cfg.ids),
                 )
                 .map(|(e, _)| e)
         });
@@ -587,7 +590,7 @@ impl Filesystem for OverlayFs {
                     next,
                     &e.name,
                     &self.ttl,
-                    &file_attr(&st),
+                    &file_attr(&st, &self.ovl.cfg.ids),
                     Generation(0),
                 ) {
                     break;
@@ -596,7 +599,7 @@ impl Filesystem for OverlayFs {
             }
             match self.ovl.lookup(&dir, &e.name) {
                 Ok(entry) => {
-                    let attr = file_attr(&entry.stat);
+                    let attr = file_attr(&entry.stat, &self.ovl.cfg.ids);
                     let generation = Generation(entry.node.generation);
                     if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, generation) {
                         // Not sent: the kernel will not count this lookup.
@@ -612,7 +615,7 @@ impl Filesystem for OverlayFs {
                         Self::fail("readdirplus lookup", &err);
                     }
                     let entry = self.ovl.vanished_entry(&dir, e);
-                    let attr = file_attr(&entry.stat);
+                    let attr = file_attr(&entry.stat, &self.ovl.cfg.ids);
                     let generation = Generation(entry.node.generation);
                     if reply.add(attr.ino, next, &e.name, &Duration::ZERO, &attr, generation) {
                         self.ovl.forget(entry.node.ino, 1);
@@ -731,7 +734,7 @@ impl Filesystem for OverlayFs {
                 name,
                 libc::S_IFREG | (mode & 0o7777),
                 NewObject::File(oflags),
-                caller(req, umask),
+                caller(req, umask, &self.ovl.cfg.ids),
             )?;
             let fd = fd.ok_or(Error::Internal("create returned no descriptor"))?;
             let fh = self
@@ -743,7 +746,10 @@ impl Filesystem for OverlayFs {
             Ok(v) => v,
             Err(e) => return reply.error(Self::fail("create", &e)),
         };
-        let (attr, generation) = (file_attr(&e.stat), Generation(e.node.generation));
+        let (attr, generation) = (
+            file_attr(&e.stat, &self.ovl.cfg.ids),
+            Generation(e.node.generation),
+        );
         let mode = match self.io_mode(e.node.ino.0, fh, flags, |fd| reply.open_backing(fd)) {
             Ok(mode) => mode,
             Err(err) => return reply.error(Self::fail("create", &err)),
@@ -823,11 +829,11 @@ impl Filesystem for OverlayFs {
     }
 }
 
-/// The credentials new objects are created with.
-fn caller(req: &Request, umask: u32) -> Caller {
+/// The credentials new objects are created with, as the layers store them (`ids`).
+fn caller(req: &Request, umask: u32, ids: &IdMap) -> Caller {
     Caller {
-        uid: req.uid(),
-        gid: req.gid(),
+        uid: ids.uids.disk(req.uid()),
+        gid: ids.gids.disk(req.gid()),
         umask,
     }
 }

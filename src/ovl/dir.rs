@@ -123,7 +123,12 @@ impl Overlay {
             }
         };
         let fd = make(dir, &obj_name, &what, mode, perm)?;
-        vfs::do_chown(dir, &obj_name, Some(caller.uid), Some(gid))?;
+        match vfs::do_chown(dir, &obj_name, Some(caller.uid), Some(gid)) {
+            // Squashed owners: an owner the layers cannot take is not an error
+            // (fuse-overlayfs), the object shows the squashed owner anyway.
+            Err(_) if self.cfg.ids.squashes() => {}
+            other => other?,
+        }
         if !matches!(what, NewObject::Symlink(_)) {
             // chown may have cleared set-id bits; and the daemon's umask is 0, so this is the
             // mode the caller asked for.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::SetupError;
+use crate::ovl::idmap::{self, IdMap};
 
 /// The kernel's `OVL_MAX_STACK`: the most lower layers one mount may have.
 pub const MAX_LOWER_LAYERS: usize = 500;
@@ -66,6 +67,11 @@ pub struct Config {
     pub acl: bool,
     /// `index=` was given (not just the default).
     pub index_explicit: bool,
+    /// Owner translation (`uidmapping=`, `gidmapping=`, `squash_to_*`; see [`IdMap`]).
+    pub ids: IdMap,
+    /// `squash_to_root`: both owners show as 0 unless `squash_to_uid=`/`squash_to_gid=` say
+    /// otherwise (resolved at the end of parsing, as fuse-overlayfs gives those precedence).
+    squash_to_root: bool,
 }
 
 /// The kernel's `redirect_dir=` modes.
@@ -137,6 +143,8 @@ impl Default for Config {
             acl: true,
             index: true,
             index_explicit: false,
+            ids: IdMap::default(),
+            squash_to_root: false,
         }
     }
 }
@@ -170,6 +178,12 @@ impl Config {
             }
             cfg.index = false;
         }
+        if cfg.squash_to_root {
+            cfg.ids.uids.squash.get_or_insert(0);
+            cfg.ids.gids.squash.get_or_insert(0);
+        }
+        cfg.ids.uids.overflow = idmap::kernel_overflow_id("uid");
+        cfg.ids.gids.overflow = idmap::kernel_overflow_id("gid");
         Ok(cfg)
     }
 
@@ -270,9 +284,28 @@ impl Config {
             | "nouser" | "users" | "_netdev" | "nofail" | "defaults" | "async" => {}
             "dirsync" => self.fuse.dirsync = true,
             "fsname" => self.fuse.fsname = value.map(str::to_string),
+            "uidmapping" | "gidmapping" => {
+                let ranges =
+                    idmap::parse_ranges(value.unwrap_or("")).map_err(|e| bad(&e.to_string()))?;
+                match key {
+                    "uidmapping" => self.ids.uids.ranges = ranges,
+                    _ => self.ids.gids.ranges = ranges,
+                }
+            }
+            "squash_to_root" => self.squash_to_root = flag(value)?,
+            "squash_to_uid" | "squash_to_gid" => {
+                let id: u32 = value
+                    .ok_or_else(|| bad("needs an id"))?
+                    .parse()
+                    .map_err(|_| bad("expected a numeric id"))?;
+                match key {
+                    "squash_to_uid" => self.ids.uids.squash = Some(id),
+                    _ => self.ids.gids.squash = Some(id),
+                }
+            }
             "" => {}
-            // Everything else fuse-overlayfs accepts but we do not apply yet (uidmapping=,
-            // squash_to_*, xattr_permissions=, plugins=, ...) and anything unknown.
+            // Everything else fuse-overlayfs accepts but we do not apply yet
+            // (xattr_permissions=, plugins=, ...) and anything unknown.
             _ => self.ignored.push(opt.to_string()),
         }
         Ok(())
@@ -430,5 +463,36 @@ mod tests {
         let cfg = Config::parse(&["lowerdir=/a", "lowerdir=/b"]).unwrap();
         assert_eq!(cfg.lowerdirs, vec![PathBuf::from("/b")]);
         assert!(cfg.is_read_only());
+    }
+
+    #[test]
+    fn owner_translation_options() {
+        let cfg = Config::parse(&[
+            "lowerdir=/l,uidmapping=0:100:10:10:5000:1,squash_to_root,squash_to_uid=5",
+        ])
+        .unwrap();
+        assert_eq!(cfg.ids.uids.ranges.len(), 2);
+        assert_eq!(cfg.ids.uids.disk(5000), 10);
+        assert_eq!(
+            cfg.ids.uids.squash,
+            Some(5),
+            "squash_to_uid wins over squash_to_root"
+        );
+        assert_eq!(cfg.ids.gids.squash, Some(0));
+        assert!(cfg.ignored.is_empty());
+        for bad in [
+            "uidmapping=0:1",
+            "gidmapping=x:1:1",
+            "squash_to_gid=root",
+            "squash_to_uid",
+        ] {
+            assert!(
+                matches!(
+                    Config::parse(&[format!("lowerdir=/l,{bad}")]),
+                    Err(SetupError::BadOption { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

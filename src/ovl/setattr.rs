@@ -59,7 +59,12 @@ impl Overlay {
             }
         }
         if attr.uid.is_some() || attr.gid.is_some() {
-            vfs::do_chown_fd(obj.as_fd(), attr.uid, attr.gid)?;
+            match vfs::do_chown_fd(obj.as_fd(), attr.uid, attr.gid) {
+                // Squashed owners: a chown the layers refuse succeeds without effect
+                // (fuse-overlayfs); nothing shows the owner anyway.
+                Err(_) if self.cfg.ids.squashes() => {}
+                other => other?,
+            }
         }
         if let Some(mode) = attr.mode {
             if node.file_type != FileType::Symlink {

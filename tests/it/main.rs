@@ -6,6 +6,7 @@ mod support;
 
 mod cli_errors;
 mod deep_lookups;
+mod idmap;
 mod listings;
 mod mount_life;
 mod passthrough;

@@ -25,8 +25,12 @@ struct MountArgs {
     /// (leftmost is the top layer; \: escapes a colon), upperdir=DIR, workdir=DIR (same
     /// filesystem as upperdir), timeout=SECS, static_nlink, noxattrs=1, ro, allow_other,
     /// allow_root, suid/nosuid, dev/nodev, exec/noexec, atime/noatime, fsname=NAME,
-    /// redirect_dir=off, xino=off|auto|on, context=LABEL (accepted and ignored). Options of
+    /// redirect_dir=on|follow|off|nofollow, metacopy=on|off, index=on|off,
+    /// passthrough=on|off, noacl, fsync=0, volatile, uidmapping=A:B:N[:A:B:N...] and
+    /// gidmapping= (disk ids A.. show as B..), squash_to_root, squash_to_uid=N,
+    /// squash_to_gid=N, xino=off|auto|on, context=LABEL (accepted and ignored). Options of
     /// fuse-overlayfs that stratafs does not apply print "unknown argument ignored: X".
+    /// README.md explains each.
     #[arg(short = 'o', value_name = "OPTS", action = clap::ArgAction::Append)]
     options: Vec<String>,
 
@@ -46,6 +50,15 @@ struct MountArgs {
     /// /proc/mounts and otherwise ignored.
     #[arg(value_name = "MOUNTPOINT", num_args = 0..)]
     positional: Vec<OsString>,
+
+    /// Print the man page (roff) made from these definitions, and exit (tools/install
+    /// installs it).
+    #[arg(long, hide = true, exclusive = true)]
+    man: bool,
+
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), and exit.
+    #[arg(long, value_name = "SHELL", hide = true, exclusive = true)]
+    completions: Option<clap_complete::Shell>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +68,15 @@ fn main() -> ExitCode {
         args.remove(1);
     }
     let args = MountArgs::parse_from(args);
+    if args.man || args.completions.is_some() {
+        return match print_docs(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stratafs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match mount(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -84,6 +106,21 @@ fn mount(args: MountArgs) -> Result<(), String> {
         foreground,
     })
     .map_err(|e| e.to_string())
+}
+
+/// The man page or a completion script, generated from the argument definitions above so
+/// they cannot drift from the real command line.
+fn print_docs(args: &MountArgs) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = MountArgs::command();
+    let mut out = std::io::stdout().lock();
+    match args.completions {
+        Some(shell) => {
+            clap_complete::generate(shell, &mut cmd, "stratafs", &mut out);
+            Ok(())
+        }
+        None => clap_mangen::Man::new(cmd).render(&mut out),
+    }
 }
 
 /// Logs go to stderr; `RUST_LOG` picks levels, `-d` means debug.

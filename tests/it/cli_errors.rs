@@ -175,3 +175,59 @@ fn version_and_help() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("lowerdir"));
 }
+
+#[test]
+fn man_page_and_completions_come_from_the_cli_definitions() {
+    let man = run(["--man"]);
+    assert!(man.status.success());
+    let text = String::from_utf8_lossy(&man.stdout);
+    assert!(text.contains(".TH stratafs 1"), "not a man page");
+    assert!(text.contains("uidmapping") && text.contains("lowerdir"));
+    for (shell, marker) in [
+        ("bash", "_stratafs()"),
+        ("zsh", "#compdef stratafs"),
+        ("fish", "complete -c stratafs"),
+    ] {
+        let out = run(["--completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(marker),
+            "{shell}"
+        );
+    }
+    let bad = run(["--completions", "tcsh"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tcsh"));
+    // Not mixed with a mount.
+    assert!(!run(["--man", "-o", "lowerdir=/", "/mnt"]).status.success());
+}
+
+#[test]
+fn install_puts_binary_man_page_and_completions_in_the_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/install");
+    let out = std::process::Command::new(script)
+        .arg("--prefix")
+        .arg(dir.path())
+        .arg("--binary")
+        .arg(crate::support::bin())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "bin/stratafs",
+        "share/man/man1/stratafs.1",
+        "share/bash-completion/completions/stratafs",
+        "share/zsh/site-functions/_stratafs",
+        "share/fish/vendor_completions.d/stratafs.fish",
+    ] {
+        let len = std::fs::metadata(dir.path().join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 0, "{f} missing or empty");
+    }
+}

@@ -77,27 +77,27 @@ pub struct IdMapping {
 impl IdMapping {
     /// The id shown for `disk`.
     pub fn shown(&self, disk: u32) -> u32 {
-        if let Some(s) = self.squash {
-            return s;
+        match self.squash {
+            Some(s) => s,
+            None => self.translate(disk, |r| r.disk, |r| r.shown),
         }
-        if self.ranges.is_empty() {
-            return disk;
-        }
-        self.ranges
-            .iter()
-            .find(|r| disk >= r.disk && disk - r.disk < r.len)
-            .map_or(self.overflow, |r| r.shown + (disk - r.disk))
     }
 
     /// The id stored for the shown id `shown`.
     pub fn disk(&self, shown: u32) -> u32 {
+        self.translate(shown, |r| r.shown, |r| r.disk)
+    }
+
+    /// `id` from the `from` side of the ranges to their `to` side; unchanged without ranges,
+    /// the overflow id outside all of them.
+    fn translate(&self, id: u32, from: fn(&IdRange) -> u32, to: fn(&IdRange) -> u32) -> u32 {
         if self.ranges.is_empty() {
-            return shown;
+            return id;
         }
         self.ranges
             .iter()
-            .find(|r| shown >= r.shown && shown - r.shown < r.len)
-            .map_or(self.overflow, |r| r.disk + (shown - r.shown))
+            .find(|r| id >= from(r) && id - from(r) < r.len)
+            .map_or(self.overflow, |r| to(r) + (id - from(r)))
     }
 
     /// Whether ids pass unchanged both ways.

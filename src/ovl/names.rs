@@ -68,16 +68,18 @@ impl LowerNames {
 
     /// Keeps `names` (every name `getdents` gave, whiteout files included) as the contents of
     /// the lower directory behind `dir`, node `ino`'s directory in `layer`.
-    pub fn remember(
+    pub fn remember<'a>(
         &self,
         ino: Ino,
         layer: LayerIdx,
         dir: &Arc<OwnedFd>,
-        names: HashSet<OsString>,
+        names: impl ExactSizeIterator<Item = &'a OsStr>,
     ) {
+        // Checked before copying a name: a huge directory is not worth its memory.
         if layer.is_upper() || names.len() > MAX_NAMES / 4 {
             return;
         }
+        let names: HashSet<OsString> = names.map(OsStr::to_owned).collect();
         let mut inner = self.lock();
         let added = names.len();
         let set = NameSet {
@@ -131,7 +133,12 @@ mod tests {
         let names = LowerNames::default();
         let (a, b) = (fd(), fd());
         let lower = LayerIdx(1);
-        names.remember(Ino(7), lower, &a, set(&["x", ".wh.gone"]));
+        names.remember(
+            Ino(7),
+            lower,
+            &a,
+            set(&["x", ".wh.gone"]).iter().map(|n| n.as_os_str()),
+        );
         assert_eq!(
             names.may_hold(Ino(7), lower, &a, OsStr::new("x")),
             Some(true)
@@ -152,7 +159,12 @@ mod tests {
     fn upper_is_never_kept_and_names_are_bounded() {
         let names = LowerNames::default();
         let a = fd();
-        names.remember(Ino(7), LayerIdx::UPPER, &a, set(&["x"]));
+        names.remember(
+            Ino(7),
+            LayerIdx::UPPER,
+            &a,
+            set(&["x"]).iter().map(|n| n.as_os_str()),
+        );
         assert_eq!(
             names.may_hold(Ino(7), LayerIdx::UPPER, &a, OsStr::new("y")),
             None
@@ -161,7 +173,12 @@ mod tests {
             .map(|i| OsString::from(i.to_string()))
             .collect();
         for i in 0..8 {
-            names.remember(Ino(100 + i), LayerIdx(1), &a, big.clone());
+            names.remember(
+                Ino(100 + i),
+                LayerIdx(1),
+                &a,
+                big.iter().map(|n| n.as_os_str()),
+            );
         }
         assert!(names.lock().total <= MAX_NAMES);
         assert_eq!(

@@ -191,8 +191,12 @@ impl Overlay {
             let fd = self.real_dir_fd(dir, real.layer)?;
             let raw = sys::fs::read_dir(fd.as_fd()).map_err(|e| Error::io("readdir", e))?;
             if let Some(names) = self.lower_names.as_ref().filter(|_| !real.layer.is_upper()) {
-                let set = raw.iter().map(|e| e.name.clone()).collect();
-                names.remember(dir.ino, real.layer, &fd, set);
+                names.remember(
+                    dir.ino,
+                    real.layer,
+                    &fd,
+                    raw.iter().map(|e| e.name.as_os_str()),
+                );
             }
             // Whiteouts of this layer hide names in the layers below only (OCI layer.md).
             let mut layer_whiteouts = Vec::new();

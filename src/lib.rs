@@ -3,6 +3,7 @@
 //!
 //! - [`ovl`]: the union core (layers, lookup, whiteouts, readdir, files), free of FUSE;
 //! - [`fuse`]: the thin adapter from FUSE requests to the core, and the daemon's life;
+//! - [`run`]: `stratafs run`, the container launcher built on a union mount;
 //! - [`sys`]: the only module with `unsafe`: fd-relative syscalls and process plumbing;
 //! - [`error`]: typed errors and the single error-to-errno mapping.
 #![deny(unsafe_code)]
@@ -11,4 +12,5 @@
 pub mod error;
 pub mod fuse;
 pub mod ovl;
+pub mod run;
 pub mod sys;

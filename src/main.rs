@@ -18,7 +18,7 @@ use stratafs::ovl::params::Config;
     name = "stratafs",
     version,
     about,
-    after_help = "Examples:\n  stratafs -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt\n  stratafs -o lowerdir=/image /mnt      (read-only)\n  fusermount3 -u /mnt                   (unmount; SIGTERM to the daemon works too)"
+    after_help = "Examples:\n  stratafs -o lowerdir=/l1:/l2,upperdir=/u,workdir=/w /mnt\n  stratafs -o lowerdir=/image /mnt      (read-only)\n  fusermount3 -u /mnt                   (unmount; SIGTERM to the daemon works too)\n  stratafs run --lower /l1 -- sh        (a container on a union: see stratafs run --help)"
 )]
 struct MountArgs {
     /// Mount options, comma separated; may repeat and may be glued (-oOPTS). lowerdir=A:B
@@ -63,6 +63,10 @@ struct MountArgs {
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "run") {
+        let code = stratafs::run::main(args[1..].to_vec());
+        return ExitCode::from(u8::try_from(code).unwrap_or(125));
+    }
     // `stratafs mount ...` is the same as `stratafs ...`.
     if args.get(1).is_some_and(|a| a == "mount") {
         args.remove(1);

@@ -3,5 +3,6 @@
 //! Everything else in the crate goes through the safe wrappers here, or through `rustix`.
 #![allow(unsafe_code)]
 
+pub mod container;
 pub mod fs;
 pub mod process;

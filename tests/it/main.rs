@@ -10,4 +10,5 @@ mod idmap;
 mod listings;
 mod mount_life;
 mod passthrough;
+mod run;
 mod safety;

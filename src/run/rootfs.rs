@@ -1,0 +1,282 @@
+//! The container's filesystem view, built by its pid 1 inside the new mount namespace:
+//! private mounts, /proc, a minimal /dev, read-only /sys, the generated /etc files, volumes,
+//! then `pivot_root` into the union.
+//!
+//! Every mount target inside the union is opened fd-relative with `RESOLVE_IN_ROOT`, so a
+//! symlink in an image (`/etc/resolv.conf -> /host/...`, `/data -> ../../..`) resolves inside
+//! the container's root and can never place a mount on the host.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Component, Path};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{
+    MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
+};
+
+use crate::run::RunError;
+use crate::run::rundir::RunDir;
+use crate::run::spec::{NetMode, Spec};
+use crate::sys::container::mount_set_readonly;
+
+/// What a missing mount target is created as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+}
+
+/// The devices bound from the host into the container's /dev (binds work in a user
+/// namespace, where mknod does not).
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Builds the container's view and pivots into it. Runs in the container's pid 1, in its
+/// own mount namespace.
+pub fn build(spec: &Spec, dirs: &RunDir) -> Result<(), RunError> {
+    let step = |what: &str| {
+        let what = what.to_string();
+        move |e: io::Error| RunError::Setup(format!("{what}: {e}"))
+    };
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(|e| step("making mounts private")(e.into()))?;
+    let root = rustix::fs::open(
+        &dirs.merged,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| step("opening the container root")(e.into()))?;
+    let root = root.as_fd();
+
+    let nodev_nosuid_noexec = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    mount_fs(root, "proc", "proc", nodev_nosuid_noexec, "").map_err(step("mounting /proc"))?;
+    build_dev(root).map_err(step("setting up /dev"))?;
+    mount_sys(root, spec.net).map_err(step("mounting /sys"))?;
+    for name in ["hosts", "hostname", "resolv.conf"] {
+        bind(
+            root,
+            &dirs.etc.join(name),
+            &format!("etc/{name}"),
+            Kind::File,
+            false,
+        )
+        .map_err(step(&format!("mounting /etc/{name}")))?;
+    }
+    for v in &spec.volumes {
+        let kind = if v.host.is_dir() {
+            Kind::Dir
+        } else {
+            Kind::File
+        };
+        let rel = v.target.strip_prefix("/").unwrap_or(&v.target);
+        bind(root, &v.host, &rel.to_string_lossy(), kind, v.read_only).map_err(step(&format!(
+            "mounting volume {} at {}",
+            v.host.display(),
+            v.target.display()
+        )))?;
+    }
+    if let Some(w) = &spec.workdir {
+        let rel = w.strip_prefix("/").unwrap_or(w);
+        if !rel.as_os_str().is_empty() {
+            open_in_root(root, rel.as_os_str(), Kind::Dir).map_err(step(&format!(
+                "creating the working directory {}",
+                w.display()
+            )))?;
+        }
+    }
+    pivot(&dirs.merged).map_err(step("pivot_root into the union"))?;
+    if spec.read_only {
+        let new_root = rustix::fs::open("/", OFlags::PATH | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| step("opening /")(e.into()))?;
+        mount_set_readonly(new_root.as_fd(), false).map_err(step("making / read-only"))?;
+    }
+    Ok(())
+}
+
+/// `/dev`: a tmpfs with the usual devices bound from the host, a private devpts instance,
+/// /dev/shm, /dev/mqueue and the standard symlinks.
+fn build_dev(root: BorrowedFd<'_>) -> io::Result<()> {
+    mount_fs(
+        root,
+        "dev",
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "mode=755,size=65536k",
+    )?;
+    for dev in DEVICES {
+        bind(
+            root,
+            &Path::new("/dev").join(dev),
+            &format!("dev/{dev}"),
+            Kind::File,
+            false,
+        )?;
+    }
+    mount_fs(
+        root,
+        "dev/pts",
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    mount_fs(
+        root,
+        "dev/shm",
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "mode=1777,size=65536k",
+    )?;
+    // mqueue needs the IPC namespace to be ours, which it is; a kernel without it is fine.
+    let _ = mount_fs(
+        root,
+        "dev/mqueue",
+        "mqueue",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "",
+    );
+    let dev = open_in_root(root, OsStr::new("dev"), Kind::Dir)?;
+    for (name, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        rustix::fs::symlinkat(target, &dev, name)?;
+    }
+    Ok(())
+}
+
+/// A fresh read-only sysfs (possible when the network namespace is ours), else the host's
+/// /sys bound read-only with everything below it.
+fn mount_sys(root: BorrowedFd<'_>, net: NetMode) -> io::Result<()> {
+    let flags = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    if net == NetMode::None && mount_fs(root, "sys", "sysfs", flags, "").is_ok() {
+        return Ok(());
+    }
+    bind(root, Path::new("/sys"), "sys", Kind::Dir, true)
+}
+
+/// Mounts a new `fstype` instance on `rel` inside the root (created as a directory).
+fn mount_fs(
+    root: BorrowedFd<'_>,
+    rel: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
+    let target = open_in_root(root, OsStr::new(rel), Kind::Dir)?;
+    let data = std::ffi::CString::new(data).map_err(|_| io::ErrorKind::InvalidInput)?;
+    rustix::mount::mount(
+        fstype,
+        fd_path(&target).as_str(),
+        fstype,
+        flags,
+        Some(data.as_c_str()),
+    )
+    .map_err(io::Error::from)
+}
+
+/// Binds host `src` (with the mounts below it) on `rel` inside the root, read-only when asked,
+/// using a detached clone (`open_tree`) so the attributes are set before it becomes visible.
+fn bind(
+    root: BorrowedFd<'_>,
+    src: &Path,
+    rel: &str,
+    kind: Kind,
+    read_only: bool,
+) -> io::Result<()> {
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        src,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE,
+    )?;
+    if read_only {
+        mount_set_readonly(tree.as_fd(), true)?;
+    }
+    let target = open_in_root(root, OsStr::new(rel), kind)?;
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        &target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )?;
+    Ok(())
+}
+
+/// Opens `rel` inside `root` (symlinks resolved as if `root` were `/`), creating missing
+/// directories on the way and the last component as `kind`. A last component that is a
+/// dangling symlink (Debian's `/etc/resolv.conf` in some images) is replaced by a `kind`.
+fn open_in_root(root: BorrowedFd<'_>, rel: &OsStr, kind: Kind) -> io::Result<OwnedFd> {
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let flags = OFlags::PATH | OFlags::CLOEXEC;
+    if let Ok(fd) = rustix::fs::openat2(root, rel, flags, Mode::empty(), resolve) {
+        return Ok(fd);
+    }
+    let parts: Vec<&OsStr> = Path::new(rel)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return rustix::fs::openat2(root, ".", flags, Mode::empty(), resolve).map_err(Into::into);
+    };
+    let mut dir =
+        rustix::fs::openat2(root, ".", flags | OFlags::DIRECTORY, Mode::empty(), resolve)?;
+    let mut so_far = std::path::PathBuf::new();
+    for d in dirs {
+        so_far.push(d);
+        match rustix::fs::mkdirat(&dir, *d, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        dir = rustix::fs::openat2(
+            root,
+            &so_far,
+            flags | OFlags::DIRECTORY,
+            Mode::empty(),
+            resolve,
+        )?;
+    }
+    // Whatever is there does not resolve (a dangling symlink): replace it.
+    let _ = rustix::fs::unlinkat(&dir, *last, rustix::fs::AtFlags::empty());
+    match kind {
+        Kind::Dir => match rustix::fs::mkdirat(&dir, *last, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        },
+        Kind::File => {
+            rustix::fs::openat(
+                &dir,
+                *last,
+                OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )?;
+        }
+    }
+    so_far.push(last);
+    rustix::fs::openat2(root, &so_far, flags, Mode::empty(), resolve).map_err(Into::into)
+}
+
+/// `/proc/self/fd/N`: names an opened object for the path-based mount calls.
+fn fd_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Makes `new_root` the root: `pivot_root(".", ".")` then detach the old root stacked on it.
+fn pivot(new_root: &Path) -> io::Result<()> {
+    rustix::process::chdir(new_root)?;
+    rustix::process::pivot_root(".", ".")?;
+    rustix::mount::unmount(".", UnmountFlags::DETACH)?;
+    rustix::process::chdir("/")?;
+    Ok(())
+}

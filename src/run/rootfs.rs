@@ -6,12 +6,14 @@
 //! symlink in an image (`/etc/resolv.conf -> /host/...`, `/data -> ../../..`) resolves inside
 //! the container's root and can never place a mount on the host.
 
-use std::ffi::OsStr;
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Component, Path};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::mount::{
     MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags,
 };
@@ -211,60 +213,77 @@ fn bind(
     Ok(())
 }
 
-/// Opens `rel` inside `root` (symlinks resolved as if `root` were `/`), creating missing
-/// directories on the way and the last component as `kind`. A last component that is a
-/// dangling symlink (Debian's `/etc/resolv.conf` in some images) is replaced by a `kind`.
+/// Opens `rel` inside `root`, resolving symlinks as if `root` were `/` (an absolute target
+/// restarts at `root`, `..` stops there), creating what is missing on the way: directories,
+/// and the last component as `kind`. A dangling symlink (Debian's `/etc/resolv.conf` in some
+/// images) gets its target created, inside the root. Each step opens the path resolved so far
+/// with `RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS`, so a symlink swapped in meanwhile fails the
+/// walk instead of leading out.
 fn open_in_root(root: BorrowedFd<'_>, rel: &OsStr, kind: Kind) -> io::Result<OwnedFd> {
-    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS;
     let flags = OFlags::PATH | OFlags::CLOEXEC;
-    if let Ok(fd) = rustix::fs::openat2(root, rel, flags, Mode::empty(), resolve) {
-        return Ok(fd);
-    }
-    let parts: Vec<&OsStr> = Path::new(rel)
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n),
-            _ => None,
-        })
-        .collect();
-    let Some((last, dirs)) = parts.split_last() else {
-        return rustix::fs::openat2(root, ".", flags, Mode::empty(), resolve).map_err(Into::into);
+    let open = |p: &Path, extra: OFlags| {
+        let p = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        rustix::fs::openat2(root, p, flags | extra, Mode::empty(), resolve).map_err(io::Error::from)
     };
-    let mut dir =
-        rustix::fs::openat2(root, ".", flags | OFlags::DIRECTORY, Mode::empty(), resolve)?;
-    let mut so_far = std::path::PathBuf::new();
-    for d in dirs {
-        so_far.push(d);
-        match rustix::fs::mkdirat(&dir, *d, Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+    let mut pending: VecDeque<OsString> = components(Path::new(rel)).collect();
+    let mut so_far = PathBuf::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            so_far.pop();
+            continue;
+        }
+        let parent = open(&so_far, OFlags::DIRECTORY)?;
+        match rustix::fs::statat(&parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                links += 1;
+                if links > 40 {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let target = rustix::fs::readlinkat(&parent, &name, Vec::new())?;
+                let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+                if target.is_absolute() {
+                    so_far.clear();
+                }
+                for c in components(&target).rev() {
+                    pending.push_front(c);
+                }
+            }
+            Ok(_) => so_far.push(&name),
+            Err(rustix::io::Errno::NOENT) => {
+                if pending.is_empty() && kind == Kind::File {
+                    rustix::fs::openat(
+                        &parent,
+                        &name,
+                        OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o644),
+                    )?;
+                } else {
+                    match rustix::fs::mkdirat(&parent, &name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                so_far.push(&name);
+            }
             Err(e) => return Err(e.into()),
         }
-        dir = rustix::fs::openat2(
-            root,
-            &so_far,
-            flags | OFlags::DIRECTORY,
-            Mode::empty(),
-            resolve,
-        )?;
     }
-    // Whatever is there does not resolve (a dangling symlink): replace it.
-    let _ = rustix::fs::unlinkat(&dir, *last, rustix::fs::AtFlags::empty());
-    match kind {
-        Kind::Dir => match rustix::fs::mkdirat(&dir, *last, Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
-        },
-        Kind::File => {
-            rustix::fs::openat(
-                &dir,
-                *last,
-                OFlags::CREATE | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o644),
-            )?;
-        }
-    }
-    so_far.push(last);
-    rustix::fs::openat2(root, &so_far, flags, Mode::empty(), resolve).map_err(Into::into)
+    open(&so_far, OFlags::empty())
+}
+
+/// The normal components of `p`, plus `..` (`.` and the root are dropped).
+fn components(p: &Path) -> impl DoubleEndedIterator<Item = OsString> + '_ {
+    p.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        Component::ParentDir => Some(OsString::from("..")),
+        _ => None,
+    })
 }
 
 /// `/proc/self/fd/N`: names an opened object for the path-based mount calls.

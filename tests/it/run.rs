@@ -426,3 +426,41 @@ fn run_keep_keeps_the_upper() {
     );
     assert!(path.starts_with(img.path("state/kept").to_str().unwrap()));
 }
+
+#[test]
+fn run_image_symlinks_cannot_aim_mounts_at_the_host() {
+    let Some(img) = Image::new("run_image_symlinks_cannot_aim_mounts_at_the_host") else {
+        return;
+    };
+    // A hostile image: a directory symlink climbing out to a host directory, and /etc/hostname
+    // pointing at a host file. Mount targets must resolve inside the container's root.
+    let victim = img.path("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("file"), "host file\n").unwrap();
+    let climb = format!("../../../../../../../..{}", victim.display());
+    std::os::unix::fs::symlink(&climb, img.path("top/escape")).unwrap();
+    std::os::unix::fs::symlink(format!("{climb}/file"), img.path("top/etc/hostname")).unwrap();
+    for mode in MODES {
+        let vol = format!("{}:/escape/sub", img.path("vol").display());
+        let out = img.sh(
+            mode,
+            &["-v", &vol, "--hostname", "inside"],
+            "cat /escape/sub/host.txt; cat /etc/hostname",
+        );
+        assert_eq!(out, "from host\ninside\n", "{mode:?}");
+        let names: Vec<_> = std::fs::read_dir(&victim)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("file")],
+            "{mode:?}: host dir touched"
+        );
+        assert_eq!(
+            std::fs::read_to_string(victim.join("file")).unwrap(),
+            "host file\n"
+        );
+    }
+}

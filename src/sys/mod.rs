@@ -4,4 +4,5 @@
 #![allow(unsafe_code)]
 
 pub mod fs;
+pub mod mountinfo;
 pub mod process;

@@ -11,6 +11,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tracing::{info, warn};
+
 use crate::error::SetupError;
 use crate::ovl::params::Config;
 use crate::sys;
@@ -140,8 +142,12 @@ impl Layers {
             }
             None => slots.push(None),
         }
+        let maps_ids = !cfg.ids.uids.ranges.is_empty() || !cfg.ids.gids.ranges.is_empty();
         for (i, lower) in cfg.lowerdirs.iter().enumerate() {
-            let (root, dev, _) = open_layer_root("lowerdir", lower, &mnt)?;
+            let (mut root, dev, canon) = open_layer_root("lowerdir", lower, &mnt)?;
+            if maps_ids {
+                root = unmapped_lower(root, &canon, lower);
+            }
             let uuid = sys::fs::fs_uuid(root.as_fd());
             slots.push(Some(Layer {
                 idx: LayerIdx(i as u16 + 1),
@@ -209,6 +215,28 @@ fn open_layer_root(
         });
     }
     Ok((root, st.st_dev, canon))
+}
+
+/// With `uidmapping=`/`gidmapping=`, a lower on an idmapped mount is read through a plain
+/// mount of the same filesystem instead, so that the ids are shifted once, by the options.
+///
+/// Why: podman 4.3 (containers-storage 1.45) as root with a mount program and `--uidmap`
+/// passes lowers under `<graphroot>/overlay/<id>/mapped/N/`, idmapped mounts already shifted
+/// to the container's ids, *and* `uidmapping=` for the same shift; read as given, every owner
+/// would show as the overflow id and runc fails (fuse-overlayfs 1.10 fails the same way).
+/// When no plain mount reaches the same inode, the layer is kept as given, with a warning.
+fn unmapped_lower(root: OwnedFd, canon: &Path, given: &Path) -> OwnedFd {
+    match sys::mountinfo::open_unmapped(root.as_fd(), canon) {
+        Ok(None) => root,
+        Ok(Some(plain)) => {
+            info!(lower = ?given, "lowerdir is an idmapped mount: read through a plain mount, ids are shifted by uidmapping=/gidmapping= only");
+            plain
+        }
+        Err(why) => {
+            warn!(lower = ?given, "lowerdir may be an idmapped mount and uidmapping=/gidmapping= is given: owners will be shifted twice ({why})");
+            root
+        }
+    }
 }
 
 /// `realpath`, with ENOTDIR for things that are not directories.

@@ -5,4 +5,5 @@
 
 pub mod container;
 pub mod fs;
+pub mod mountinfo;
 pub mod process;

@@ -96,3 +96,137 @@ fn squashed_owners_show_one_owner_and_chown_never_fails() {
     s.mount_with(true, ",squash_to_root,squash_to_gid=9");
     assert_eq!(owner(&s.mnt().join("d/far")), (0, 9));
 }
+
+/// A detached clone of a directory made idmapped (disk ids `0..65536` show as
+/// `100000..165536`, as containers-storage makes them for `--uidmap 0:100000:65536`) and
+/// mounted at `at`; lazily unmounted on drop.
+struct IdmappedMount(std::path::PathBuf);
+
+/// The user namespace `--uidmap 0:100000:65536` would give a container, as an fd: a child
+/// `unshare -U` whose maps we write (as root), kept only until its namespace is open.
+fn shifted_userns() -> Option<std::fs::File> {
+    let mut child = Command::new("unshare")
+        .args(["-U", "sleep", "30"])
+        .spawn()
+        .ok()?;
+    let ns = format!("/proc/{}/ns/user", child.id());
+    let ours = std::fs::read_link("/proc/self/ns/user").ok()?;
+    let entered = crate::support::wait_for(std::time::Duration::from_secs(5), || {
+        std::fs::read_link(&ns).is_ok_and(|n| n != ours)
+    });
+    let maps = ["uid_map", "gid_map"]
+        .iter()
+        .all(|m| std::fs::write(format!("/proc/{}/{m}", child.id()), "0 100000 65536\n").is_ok());
+    let fd = if entered && maps {
+        std::fs::File::open(&ns).ok()
+    } else {
+        None
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    fd
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+impl IdmappedMount {
+    /// `None` (the caller skips) where the kernel or the filesystem does not allow it.
+    fn new(src: &Path, at: &Path) -> Option<IdmappedMount> {
+        use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+        use std::os::fd::AsRawFd;
+        let userns = shifted_userns()?;
+        let flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+        let tree = rustix::mount::open_tree(rustix::fs::CWD, src, flags).ok()?;
+        let attr = MountAttr {
+            attr_set: 0x0010_0000, // MOUNT_ATTR_IDMAP
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        };
+        // SAFETY: a valid fd, a NUL-terminated empty path and a live mount_attr of the size
+        // given; the kernel only reads them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            eprintln!(
+                "mount_setattr(MOUNT_ATTR_IDMAP): {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        std::fs::create_dir_all(at).ok()?;
+        let moved = rustix::mount::move_mount(
+            &tree,
+            "",
+            rustix::fs::CWD,
+            at,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        );
+        moved.ok().map(|()| IdmappedMount(at.to_path_buf()))
+    }
+}
+
+impl Drop for IdmappedMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// podman 4.3 with `--uidmap` hands over lowers on idmapped mounts already shifted to the
+/// container's ids *and* `uidmapping=` for the same shift: owners must be shifted once.
+#[test]
+fn idmapped_lower_is_shifted_once() {
+    let test = "idmapped_lower_is_shifted_once";
+    if !can_mount(test) {
+        return;
+    }
+    let s = layers();
+    let Some(_mapped) = IdmappedMount::new(&s.path("l2"), &s.path("mapped")) else {
+        eprintln!("SKIP {test}: cannot make an idmapped mount here");
+        return;
+    };
+    assert_eq!(
+        owner(&s.path("mapped/d/five")),
+        (100005, 100006),
+        "the mount shifts"
+    );
+    let opts = format!(
+        "lowerdir={}:{},upperdir={},workdir={},uidmapping=0:100000:65536,gidmapping=0:100000:65536",
+        s.path("l1").display(),
+        s.path("mapped").display(),
+        s.path("u").display(),
+        s.path("w").display(),
+    );
+    let out = crate::support::run(["-o", &opts, s.mnt().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = s.mnt().join("d");
+    assert_eq!(owner(&d.join("root")), (100000, 100000));
+    assert_eq!(owner(&d.join("five")), (100005, 100006));
+    // A copy-up keeps the disk ids: the upper stores what the layer holds.
+    chown(&d.join("five"), 100007, 100008);
+    assert_eq!(owner(&s.path("u/d/five")), (7, 8));
+    assert_eq!(
+        owner(&s.path("u/d")),
+        (0, 0),
+        "copied-up parent keeps disk owner"
+    );
+}

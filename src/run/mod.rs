@@ -179,7 +179,9 @@ fn run_container(spec: &Spec, dirs: &RunDir, cgroup: Option<&Cgroup>) -> Result<
     }
     let _ = rustix::io::write(&go_write, b"1");
     drop(go_write);
-    let raw = master.as_ref().map(|_| tty::RawMode::enter());
+    // Raw mode only when input goes to the container: with -t alone, Ctrl-C stays the
+    // caller's and reaches the command as a forwarded SIGINT.
+    let raw = (spec.interactive && master.is_some()).then(tty::RawMode::enter);
     let output = match &master {
         Some(m) => {
             if spec.interactive {

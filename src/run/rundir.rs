@@ -74,6 +74,17 @@ impl RunDir {
                 .create(d)
                 .map_err(|e| err(d, e))?;
         }
+        // The daemon gets these in -o, where a comma would split the option.
+        let upper = std::fs::canonicalize(&upper).map_err(|e| err(&upper, e))?;
+        let work = std::fs::canonicalize(&work).map_err(|e| err(&work, e))?;
+        for p in [&upper, &work] {
+            if p.to_string_lossy().contains(',') {
+                return Err(RunError::Invalid(format!(
+                    "{} contains a comma, which the mount options cannot carry",
+                    p.display()
+                )));
+            }
+        }
         Ok(RunDir {
             merged: path.join("merged"),
             etc: path.join("etc"),

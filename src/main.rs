@@ -28,7 +28,7 @@ struct MountArgs {
     /// redirect_dir=on|follow|off|nofollow, metacopy=on|off, index=on|off,
     /// passthrough=on|off, noacl, fsync=0, volatile, uidmapping=A:B:N[:A:B:N...] and
     /// gidmapping= (disk ids A.. show as B..), squash_to_root, squash_to_uid=N,
-    /// squash_to_gid=N, xino=off|auto|on, context=LABEL (accepted and ignored). Options of
+    /// squash_to_gid=N, xattr_permissions=1|2, xino=off|auto|on, context=LABEL (accepted and ignored). Options of
     /// fuse-overlayfs that stratafs does not apply print "unknown argument ignored: X".
     /// README.md explains each.
     #[arg(short = 'o', value_name = "OPTS", action = clap::ArgAction::Append)]

@@ -17,6 +17,7 @@ use tracing::debug;
 use crate::error::{Error, Result};
 use crate::ovl::inode::{Node, Real};
 use crate::ovl::layer::LayerIdx;
+use crate::ovl::override_stat::{self, OverrideXattr, Owner};
 use crate::ovl::{Overlay, index, vfs, whiteout};
 use crate::sys;
 use crate::sys::fs::TimeSpec;
@@ -207,7 +208,7 @@ impl Overlay {
         if meta {
             vfs::do_setxattr(dst_obj.as_fd(), &upper.xattr("metacopy"), b"", 0)?;
         }
-        copy_attrs(work, tmp.name(), &st)?;
+        copy_attrs(work, tmp.name(), &st, self.upper_override(st.st_mode))?;
         if let Some((dir, entry)) = &index {
             // Into the index first (its link count still that of the lower file), then
             // linked into place: a crash in between leaves a valid index entry.
@@ -333,8 +334,23 @@ impl Overlay {
 }
 
 /// Owner, then mode (chown clears set-id bits), then times, as the lower object had them.
-pub fn copy_attrs(dir: BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Result<()> {
-    vfs::do_chown(dir, name, Some(st.st_uid), Some(st.st_gid))?;
+/// An owner the upper layer cannot take is kept in `owner_xattr` when the upper layer keeps
+/// owners in one (`xattr_permissions=`), as fuse-overlayfs does.
+pub fn copy_attrs(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    st: &Stat,
+    owner_xattr: Option<OverrideXattr>,
+) -> Result<()> {
+    if let Err(e) = vfs::do_chown(dir, name, Some(st.st_uid), Some(st.st_gid)) {
+        let Some(which) = owner_xattr else {
+            return Err(e);
+        };
+        let obj = sys::fs::open_path(dir, name).map_err(|e| Error::io("copy-up open", e))?;
+        if override_stat::read(obj.as_fd(), which).is_none() {
+            override_stat::write(obj.as_fd(), which, Owner::of(st))?;
+        }
+    }
     if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
         vfs::do_chmod(dir, name, st.st_mode)?;
     }

@@ -20,6 +20,7 @@ use crate::ovl::copy_up::{RENAME_EXCHANGE, RENAME_NOREPLACE, TempGuard};
 use crate::ovl::inode::{Node, NodeState};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::namei::{Found, check_name};
+use crate::ovl::override_stat::{self, Owner};
 use crate::ovl::{Entry, Overlay, vfs, whiteout};
 use crate::sys;
 
@@ -123,11 +124,28 @@ impl Overlay {
             }
         };
         let fd = make(dir, &obj_name, &what, mode, perm)?;
-        match vfs::do_chown(dir, &obj_name, Some(caller.uid), Some(gid)) {
-            // Squashed owners: an owner the layers cannot take is not an error
-            // (fuse-overlayfs), the object shows the squashed owner anyway.
-            Err(_) if self.cfg.ids.squashes() => {}
-            other => other?,
+        // With xattr_permissions= the owner goes into the attribute, the inode keeps ours.
+        let owner_xattr = match what {
+            NewObject::File(_) => self.upper_override(libc::S_IFREG),
+            NewObject::Dir => self.upper_override(libc::S_IFDIR),
+            _ => None,
+        };
+        match owner_xattr {
+            Some(which) => {
+                let obj = sys::fs::open_path(dir, &obj_name).map_err(|e| Error::io("open", e))?;
+                let owner = Owner {
+                    uid: caller.uid,
+                    gid,
+                    mode: perm,
+                };
+                override_stat::write(obj.as_fd(), which, owner)?;
+            }
+            None => match vfs::do_chown(dir, &obj_name, Some(caller.uid), Some(gid)) {
+                // Squashed owners: an owner the layers cannot take is not an error
+                // (fuse-overlayfs), the object shows the squashed owner anyway.
+                Err(_) if self.cfg.ids.squashes() => {}
+                other => other?,
+            },
         }
         if !matches!(what, NewObject::Symlink(_)) {
             // chown may have cleared set-id bits; and the daemon's umask is 0, so this is the

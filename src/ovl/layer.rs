@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::error::SetupError;
+use crate::ovl::override_stat::OverrideXattr;
 use crate::ovl::params::Config;
 use crate::sys;
 
@@ -48,6 +49,9 @@ pub struct Layer {
     pub path: PathBuf,
     /// UUID of the layer's filesystem (zeros if none), for origin records.
     pub uuid: [u8; 16],
+    /// The attribute this layer keeps owners and modes in, if it does (its root carries
+    /// one, or `xattr_permissions=` for the upper layer).
+    pub stat_override: Option<OverrideXattr>,
 }
 
 /// The whole stack, opened.
@@ -62,6 +66,9 @@ pub struct Layers {
     pub index: Option<OwnedFd>,
     /// How many distinct filesystems the layers sit on.
     pub fs_count: u16,
+    /// Whether any layer keeps owners in an override attribute (then every attribute
+    /// shown is checked for one).
+    pub any_override: bool,
 }
 
 /// Name of our private directory inside `workdir=` (the same as the kernel's and
@@ -133,11 +140,14 @@ impl Layers {
                 }
                 slots.push(Some(Layer {
                     idx: LayerIdx::UPPER,
-                    root: Arc::new(root),
                     dev,
                     fsid: fsid_of(dev),
                     path: upper.clone(),
                     uuid: [0; 16],
+                    stat_override: cfg
+                        .xattr_permissions
+                        .or_else(|| OverrideXattr::detect(root.as_fd())),
+                    root: Arc::new(root),
                 }));
             }
             None => slots.push(None),
@@ -151,18 +161,21 @@ impl Layers {
             let uuid = sys::fs::fs_uuid(root.as_fd());
             slots.push(Some(Layer {
                 idx: LayerIdx(i as u16 + 1),
-                root: Arc::new(root),
                 dev,
                 fsid: fsid_of(dev),
                 path: lower.clone(),
                 uuid,
+                stat_override: OverrideXattr::detect(root.as_fd()),
+                root: Arc::new(root),
             }));
         }
+        let any_override = slots.iter().flatten().any(|l| l.stat_override.is_some());
         Ok(Layers {
             slots,
             work,
             index,
             fs_count: devs.len() as u16,
+            any_override,
         })
     }
 

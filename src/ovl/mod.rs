@@ -16,6 +16,7 @@ pub mod inode;
 pub mod layer;
 pub mod namei;
 pub mod names;
+pub mod override_stat;
 pub mod params;
 pub mod readdir;
 pub mod rename;
@@ -302,6 +303,7 @@ impl Overlay {
             true => self.with_indexed_nlink(node, st)?,
             false => st,
         };
+        let st = self.with_override(node, st);
         Ok(inode::overlay_stat(node, st, self.cfg.static_nlink))
     }
 

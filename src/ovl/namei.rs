@@ -446,7 +446,7 @@ impl Overlay {
         let stat = match node.state().indexed {
             // The link count and (before link-up) the attributes are the index's.
             true => self.getattr(&node).unwrap_or(found.top_stat),
-            false => found.top_stat,
+            false => self.with_override(&node, found.top_stat),
         };
         let stat = inode::overlay_stat(&node, stat, self.cfg.static_nlink);
         Entry { node, stat }

@@ -3,6 +3,7 @@
 //! Mirrors kernel `fs/overlayfs/params.c` (and fuse-overlayfs's `ovl_opts`). Parsing is pure;
 //! checks that touch the filesystem live in [`crate::ovl::layer`].
 
+use crate::ovl::override_stat::OverrideXattr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub struct Config {
     pub index_explicit: bool,
     /// Owner translation (`uidmapping=`, `gidmapping=`, `squash_to_*`; see [`IdMap`]).
     pub ids: IdMap,
+    /// `xattr_permissions=1|2`: the upper layer keeps owners and modes in this attribute
+    /// instead of the inode (see [`crate::ovl::override_stat`]).
+    pub xattr_permissions: Option<OverrideXattr>,
     /// `squash_to_root`: both owners show as 0 unless `squash_to_uid=`/`squash_to_gid=` say
     /// otherwise (resolved at the end of parsing, as fuse-overlayfs gives those precedence).
     squash_to_root: bool,
@@ -144,6 +148,7 @@ impl Default for Config {
             index: true,
             index_explicit: false,
             ids: IdMap::default(),
+            xattr_permissions: None,
             squash_to_root: false,
         }
     }
@@ -303,9 +308,19 @@ impl Config {
                     _ => self.ids.gids.squash = Some(id),
                 }
             }
+            "xattr_permissions" => {
+                let n: u8 = value
+                    .ok_or_else(|| bad("needs 0, 1 or 2"))?
+                    .parse()
+                    .map_err(|_| bad("expected 0, 1 or 2"))?;
+                if n > 2 {
+                    return Err(bad("expected 0, 1 or 2"));
+                }
+                self.xattr_permissions = OverrideXattr::from_option(n);
+            }
             "" => {}
             // Everything else fuse-overlayfs accepts but we do not apply yet
-            // (xattr_permissions=, plugins=, ...) and anything unknown.
+            // (plugins=, ...) and anything unknown.
             _ => self.ignored.push(opt.to_string()),
         }
         Ok(())

@@ -3,13 +3,14 @@
 //! object that lost the name it was found under (unlinked hard link, open unlinked file) is
 //! still reachable.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
 use rustix::fs::{FileType, OFlags, Stat};
 
 use crate::error::{Error, Result};
 use crate::ovl::inode::Node;
+use crate::ovl::override_stat::{self, OverrideXattr, Owner};
 use crate::ovl::{Overlay, vfs};
 use crate::sys;
 use crate::sys::fs::TimeSpec;
@@ -58,7 +59,12 @@ impl Overlay {
                 }
             }
         }
-        if attr.uid.is_some() || attr.gid.is_some() {
+        let owner_xattr = self.upper_override(node.file_type.as_raw_mode());
+        if let Some(which) = owner_xattr {
+            if attr.uid.is_some() || attr.gid.is_some() || attr.mode.is_some() {
+                set_override(obj.as_fd(), which, &attr)?;
+            }
+        } else if attr.uid.is_some() || attr.gid.is_some() {
             match vfs::do_chown_fd(obj.as_fd(), attr.uid, attr.gid) {
                 // Squashed owners: a chown the layers refuse succeeds without effect
                 // (fuse-overlayfs); nothing shows the owner anyway.
@@ -66,7 +72,7 @@ impl Overlay {
                 other => other?,
             }
         }
-        if let Some(mode) = attr.mode {
+        if let (Some(mode), None) = (attr.mode, owner_xattr) {
             if node.file_type != FileType::Symlink {
                 vfs::do_chmod_fd(obj.as_fd(), mode)?;
             }
@@ -80,4 +86,27 @@ impl Overlay {
         }
         self.getattr(node)
     }
+}
+
+/// chown/chmod recorded in the override attribute `which` instead of the inode
+/// (`xattr_permissions=`): the real owner and mode stay. A chown clears the set-user-id bit
+/// and a group-executable set-group-id bit, as the kernel does for a real one.
+fn set_override(obj: BorrowedFd<'_>, which: OverrideXattr, attr: &SetAttr) -> Result<()> {
+    let real = sys::fs::stat_fd(obj).map_err(|e| Error::io("stat", e))?;
+    let mut owner = override_stat::read(obj, which).unwrap_or_else(|| Owner::of(&real));
+    let is_dir = FileType::from_raw_mode(real.st_mode) == FileType::Directory;
+    if attr.uid.is_some() || attr.gid.is_some() {
+        owner.uid = attr.uid.unwrap_or(owner.uid);
+        owner.gid = attr.gid.unwrap_or(owner.gid);
+        if !is_dir {
+            owner.mode &= !libc::S_ISUID;
+            if owner.mode & libc::S_IXGRP != 0 {
+                owner.mode &= !libc::S_ISGID;
+            }
+        }
+    }
+    if let Some(mode) = attr.mode {
+        owner.mode = mode & 0o7777;
+    }
+    override_stat::write(obj, which, owner)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ovl::inode::Node;
-use crate::ovl::{Overlay, vfs, whiteout};
+use crate::ovl::{Overlay, override_stat, vfs, whiteout};
 use crate::sys;
 
 impl Overlay {
@@ -17,7 +17,7 @@ impl Overlay {
         if self.cfg.noxattrs {
             return Err(Error::NotSupported);
         }
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if self.hides_xattr(name.as_bytes()) {
             return Err(Error::NoXattr);
         }
         let fd = self.real_path_fd(node)?;
@@ -32,7 +32,7 @@ impl Overlay {
         if self.cfg.noxattrs {
             return Err(Error::NotSupported);
         }
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if self.hides_xattr(name.as_bytes()) {
             return Err(Error::io(
                 "setxattr",
                 std::io::Error::from_raw_os_error(libc::EPERM),
@@ -48,7 +48,7 @@ impl Overlay {
         if self.cfg.noxattrs {
             return Err(Error::NotSupported);
         }
-        if whiteout::is_private_xattr(name.as_bytes()) {
+        if self.hides_xattr(name.as_bytes()) {
             return Err(Error::io(
                 "removexattr",
                 std::io::Error::from_raw_os_error(libc::EPERM),
@@ -69,15 +69,22 @@ impl Overlay {
         }
         let fd = self.real_path_fd(node)?;
         let raw = sys::fs::list_xattr(fd.as_fd()).map_err(|e| Error::io("listxattr", e))?;
-        Ok(filter_private(&raw))
+        Ok(filter_private(&raw, |n| self.hides_xattr(n)))
+    }
+
+    /// Names the merged view hides: the overlay's private ones, and the owner-override
+    /// attributes when a layer keeps owners in them.
+    fn hides_xattr(&self, name: &[u8]) -> bool {
+        whiteout::is_private_xattr(name)
+            || (self.layers.any_override && override_stat::is_override_name(name))
     }
 }
 
-/// Drops the overlay-private names from a raw `listxattr` buffer.
-fn filter_private(raw: &[u8]) -> Vec<u8> {
+/// Drops the names `hidden` says from a raw `listxattr` buffer.
+fn filter_private(raw: &[u8], hidden: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());
     for name in raw.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        if !whiteout::is_private_xattr(name) {
+        if !hidden(name) {
             out.extend_from_slice(name);
             out.push(0);
         }
@@ -94,7 +101,7 @@ mod tests {
         let raw =
             b"user.a\0trusted.overlay.opaque\0security.capability\0user.fuseoverlayfs.origin\0";
         assert_eq!(
-            filter_private(raw),
+            filter_private(raw, whiteout::is_private_xattr),
             b"user.a\0security.capability\0".to_vec()
         );
     }

@@ -9,6 +9,7 @@ mod deep_lookups;
 mod idmap;
 mod listings;
 mod mount_life;
+mod override_stat;
 mod passthrough;
 mod run;
 mod safety;

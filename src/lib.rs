@@ -3,6 +3,7 @@
 //!
 //! - [`ovl`]: the union core (layers, lookup, whiteouts, readdir, files), free of FUSE;
 //! - [`fuse`]: the thin adapter from FUSE requests to the core, and the daemon's life;
+//! - [`image`]: the image store (`stratafs image`), layers imported from local files;
 //! - [`run`]: `stratafs run`, the container launcher built on a union mount;
 //! - [`sys`]: the only module with `unsafe`: fd-relative syscalls and process plumbing;
 //! - [`error`]: typed errors and the single error-to-errno mapping.
@@ -11,6 +12,7 @@
 
 pub mod error;
 pub mod fuse;
+pub mod image;
 pub mod ovl;
 pub mod run;
 pub mod sys;

@@ -59,10 +59,32 @@ struct MountArgs {
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), and exit.
     #[arg(long, value_name = "SHELL", hide = true, exclusive = true)]
     completions: Option<clap_complete::Shell>,
+
+    /// Mount an image from the store (`stratafs image import`): its layers become lowerdir=
+    /// (read-only unless --upper is given).
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+
+    /// With --image: the store directory (default /var/lib/stratafs as root,
+    /// $XDG_DATA_HOME/stratafs otherwise).
+    #[arg(long, value_name = "DIR", requires = "image")]
+    root: Option<PathBuf>,
+
+    /// With --image: upper layer (upperdir=), makes the mount writable.
+    #[arg(long, value_name = "DIR", requires_all = ["image", "work"])]
+    upper: Option<PathBuf>,
+
+    /// With --image: workdir= (same filesystem as --upper).
+    #[arg(long, value_name = "DIR", requires = "upper")]
+    work: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "image") {
+        let code = stratafs::image::main(args[1..].to_vec());
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     if args.get(1).is_some_and(|a| a == "run") {
         let code = stratafs::run::main(args[1..].to_vec());
         return ExitCode::from(u8::try_from(code).unwrap_or(125));
@@ -90,7 +112,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn mount(args: MountArgs) -> Result<(), String> {
+fn mount(mut args: MountArgs) -> Result<(), String> {
+    if let Some(reference) = &args.image {
+        let opts = image_options(reference, &args)?;
+        args.options.push(opts);
+    }
     let cfg = Config::parse(&args.options).map_err(|e| e.to_string())?;
     init_logging(args.debug || cfg.debug);
     for opt in &cfg.ignored {
@@ -110,6 +136,33 @@ fn mount(args: MountArgs) -> Result<(), String> {
         foreground,
     })
     .map_err(|e| e.to_string())
+}
+
+/// `-o lowerdir=...[,upperdir=...,workdir=...]` for `--image REF`.
+fn image_options(reference: &str, args: &MountArgs) -> Result<String, String> {
+    if args
+        .options
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv.starts_with("lowerdir=")))
+    {
+        return Err("--image gives the lower layers; do not also pass -o lowerdir=".into());
+    }
+    let root = args
+        .root
+        .clone()
+        .unwrap_or_else(stratafs::image::default_root);
+    let bad = |e: stratafs::image::ImageError| format!("--image {reference}: {e}");
+    let store = stratafs::image::store::Store::open(&root).map_err(bad)?;
+    let img = store.resolve(reference).map_err(bad)?;
+    let lowers = store.lowerdirs(&img).map_err(bad)?;
+    let mut opts = format!(
+        "lowerdir={}",
+        stratafs::ovl::params::lowerdir_value(&lowers)
+    );
+    if let (Some(u), Some(w)) = (&args.upper, &args.work) {
+        opts += &format!(",upperdir={},workdir={}", u.display(), w.display());
+    }
+    Ok(opts)
 }
 
 /// The man page or a completion script, generated from the argument definitions above so

@@ -380,6 +380,20 @@ pub fn split_lowerdir(value: &str) -> Result<Vec<PathBuf>, SetupError> {
     Ok(out.into_iter().map(PathBuf::from).collect())
 }
 
+/// `lowerdir=` for `layers` (top first): `:` separates layers, so colons and backslashes in
+/// a path are escaped with a backslash (what the parser above undoes).
+pub fn lowerdir_value(layers: &[PathBuf]) -> String {
+    layers
+        .iter()
+        .map(|p| {
+            p.to_string_lossy()
+                .replace('\\', "\\\\")
+                .replace(':', "\\:")
+        })
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Removes backslash escapes from a single path (`upperdir=`, `workdir=`).
 fn unescape(value: &str) -> String {
     let mut out = String::new();
@@ -397,6 +411,16 @@ fn unescape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowerdir_value_round_trips() {
+        let layers = vec![
+            PathBuf::from("/a:b"),
+            PathBuf::from("/c\\d"),
+            PathBuf::from("/e"),
+        ];
+        assert_eq!(split_lowerdir(&lowerdir_value(&layers)).ok(), Some(layers));
+    }
 
     #[test]
     fn split_respects_escapes_and_quotes() {

@@ -19,13 +19,6 @@ pub struct Daemon {
     mountpoint: PathBuf,
 }
 
-/// Escapes a layer path for `lowerdir=` (`:` separates layers, `\` escapes).
-fn escape(p: &Path) -> String {
-    p.to_string_lossy()
-        .replace('\\', "\\\\")
-        .replace(':', "\\:")
-}
-
 impl Daemon {
     /// Mounts `lowers` (top first) under `upper` on `mountpoint` and waits until the mount is
     /// live.
@@ -35,11 +28,10 @@ impl Daemon {
         work: &Path,
         mountpoint: &Path,
     ) -> Result<Daemon, RunError> {
-        let lowerdir: Vec<String> = lowers.iter().map(|l| escape(l)).collect();
         // allow_other: the container's processes may run as other users than the daemon.
         let opts = format!(
             "lowerdir={},upperdir={},workdir={},allow_other",
-            lowerdir.join(":"),
+            crate::ovl::params::lowerdir_value(lowers),
             upper.display(),
             work.display()
         );

@@ -23,8 +23,18 @@ stratafs run -it --lower /layers/base sh\n  stratafs run --keep --lower /layers/
 pub struct RunArgs {
     /// A read-only layer directory; repeat for more, top layer first (the order of
     /// lowerdir=).
-    #[arg(long = "lower", value_name = "DIR", required = true)]
+    #[arg(
+        long = "lower",
+        value_name = "DIR",
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
     pub lowers: Vec<PathBuf>,
+
+    /// Run an image from the store (`stratafs image import`): its layers are the lower
+    /// layers, its Env, Entrypoint, Cmd, WorkingDir and User the defaults.
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
 
     /// Keep the container's changes in DIR (created if missing) instead of a temporary upper
     /// layer removed at exit. Its workdir is DIR's sibling `.NAME.work`.
@@ -88,13 +98,19 @@ pub struct RunArgs {
     #[arg(long = "pids-limit", value_name = "N")]
     pub pids_limit: Option<u64>,
 
-    /// State directory (temporary uppers live in ROOT/run). Default: /var/lib/stratafs as
-    /// root, $XDG_DATA_HOME/stratafs (~/.local/share/stratafs) otherwise.
+    /// State directory (temporary uppers live in ROOT/run, images in the store there).
+    /// Default: /var/lib/stratafs as root, $XDG_DATA_HOME/stratafs (~/.local/share/stratafs)
+    /// otherwise.
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
-    /// The command and its arguments.
-    #[arg(value_name = "CMD", required = true, trailing_var_arg = true)]
+    /// The command and its arguments (with --image: after the image's Entrypoint, instead of
+    /// its Cmd).
+    #[arg(
+        value_name = "CMD",
+        required_unless_present = "image",
+        trailing_var_arg = true
+    )]
     pub command: Vec<OsString>,
 }
 
@@ -176,11 +192,19 @@ pub struct Spec {
 impl Spec {
     /// Checks `args` completely: every path exists, every value parses.
     pub fn from_args(args: RunArgs) -> Result<Spec, RunError> {
-        let lowers = args
-            .lowers
-            .iter()
-            .map(|l| existing_dir(l, "layer"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let root = args.root.clone().unwrap_or_else(crate::image::default_root);
+        let image = match &args.image {
+            Some(r) => Some(ImageDefaults::load(&root, r)?),
+            None => None,
+        };
+        let lowers = match &image {
+            Some(img) => img.lowers.clone(),
+            None => args
+                .lowers
+                .iter()
+                .map(|l| existing_dir(l, "layer"))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         for l in &lowers {
             if l.to_string_lossy().contains(',') {
                 return Err(RunError::Invalid(format!(
@@ -194,7 +218,10 @@ impl Spec {
             .iter()
             .map(|v| parse_volume(v))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut env = Vec::new();
+        let mut env = match &image {
+            Some(img) => img.env.clone(),
+            None => Vec::new(),
+        };
         for file in &args.env_files {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| RunError::Invalid(format!("--env-file {}: {e}", file.display())))?;
@@ -207,13 +234,23 @@ impl Spec {
         for e in &args.env {
             env.push(parse_env(e)?);
         }
-        let workdir = match args.workdir {
+        let workdir = match args
+            .workdir
+            .or_else(|| image.as_ref().and_then(|i| i.workdir.clone()))
+        {
             Some(w) => Some(container_path(&w, "-w")?),
             None => None,
         };
-        let user = match args.user {
+        let user = match args
+            .user
+            .or_else(|| image.as_ref().and_then(|i| i.user.clone()))
+        {
             Some(u) => Some(parse_user(&u)?),
             None => None,
+        };
+        let command = match &image {
+            Some(img) => img.command(args.command)?,
+            None => args.command,
         };
         let id = random_id();
         let hostname = match args.hostname {
@@ -247,10 +284,65 @@ impl Spec {
             interactive: args.interactive,
             net: args.net,
             limits,
-            root: args.root.unwrap_or_else(default_root),
-            command: args.command,
+            root,
+            command,
             id,
         })
+    }
+}
+
+/// What `--image` contributes: the layers, and the config's defaults.
+#[derive(Debug, Clone)]
+struct ImageDefaults {
+    lowers: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+}
+
+impl ImageDefaults {
+    fn load(root: &Path, reference: &str) -> Result<ImageDefaults, RunError> {
+        let bad =
+            |e: crate::image::ImageError| RunError::Invalid(format!("--image {reference}: {e}"));
+        let store = crate::image::store::Store::open(root).map_err(bad)?;
+        let img = store.resolve(reference).map_err(bad)?;
+        let (_, cfg) = store.config(&img).map_err(bad)?;
+        let d = cfg.config;
+        let env = d
+            .env
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        Ok(ImageDefaults {
+            lowers: store.lowerdirs(&img).map_err(bad)?,
+            env,
+            entrypoint: d.entrypoint.unwrap_or_default(),
+            cmd: d.cmd.unwrap_or_default(),
+            workdir: d.working_dir.filter(|w| !w.is_empty()),
+            user: d.user.filter(|u| !u.is_empty()),
+        })
+    }
+
+    /// Entrypoint, then the given arguments or else the image's Cmd (docker's rule).
+    fn command(&self, given: Vec<OsString>) -> Result<Vec<OsString>, RunError> {
+        let mut out: Vec<OsString> = self.entrypoint.iter().map(OsString::from).collect();
+        if given.is_empty() {
+            out.extend(self.cmd.iter().map(OsString::from));
+        } else {
+            out.extend(given);
+        }
+        if out.is_empty() {
+            return Err(RunError::Invalid(
+                "no command given and the image has no Entrypoint or Cmd".into(),
+            ));
+        }
+        Ok(out)
     }
 }
 
@@ -386,18 +478,6 @@ fn cpu_max(cpus: f64) -> Result<String, RunError> {
         "{} {period}",
         (cpus * period as f64).round() as u64
     ))
-}
-
-/// Where state lives when `--root` is not given.
-fn default_root() -> PathBuf {
-    if rustix::process::geteuid().is_root() {
-        return PathBuf::from("/var/lib/stratafs");
-    }
-    match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        Some(d) => PathBuf::from(d).join("stratafs"),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-            .join(".local/share/stratafs"),
-    }
 }
 
 /// 12 random hex digits.

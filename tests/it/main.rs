@@ -7,6 +7,7 @@ mod support;
 mod cli_errors;
 mod deep_lookups;
 mod idmap;
+mod image;
 mod listings;
 mod mount_life;
 mod override_stat;

@@ -85,6 +85,10 @@ fn main() -> ExitCode {
         let code = stratafs::image::main(args[1..].to_vec());
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    if args.get(1).is_some_and(|a| a == "commit") {
+        let code = stratafs::image::commit_main(args[1..].to_vec());
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     if args.get(1).is_some_and(|a| a == "run") {
         let code = stratafs::run::main(args[1..].to_vec());
         return ExitCode::from(u8::try_from(code).unwrap_or(125));

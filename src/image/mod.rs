@@ -8,7 +8,10 @@
 //! - [`meta`]: versioned, checksummed metadata files;
 //! - [`store`]: the store itself (import, resolve, remove, prune).
 
+pub mod archive;
+pub mod commit;
 pub mod digest;
+pub mod export;
 pub mod extract;
 pub mod meta;
 pub mod oci;
@@ -104,6 +107,67 @@ enum ImageCommand {
     },
     /// Delete images without a name and layers no image uses.
     Prune,
+    /// Write an image as an OCI archive (what `podman load` and `skopeo` read).
+    Export {
+        /// NAME[:TAG], sha256:ID or an id prefix.
+        reference: String,
+        /// The archive to write.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+/// Turn a container's upper directory (for example a `stratafs run --keep` upper) into a new
+/// image: REF's layers plus one layer with the changes.
+#[derive(Debug, Parser)]
+#[command(name = "stratafs commit", bin_name = "stratafs commit")]
+pub struct CommitArgs {
+    /// The upper directory.
+    upper: PathBuf,
+    /// The image the container ran (NAME[:TAG], sha256:ID or an id prefix).
+    #[arg(long, value_name = "REF")]
+    from: String,
+    /// Name of the new image.
+    #[arg(long, value_name = "NAME[:TAG]")]
+    tag: String,
+    /// Comment recorded in the image history.
+    #[arg(short = 'm', long = "message", value_name = "MSG")]
+    message: Option<String>,
+    /// Author recorded in the image config and history.
+    #[arg(long, value_name = "AUTHOR")]
+    author: Option<String>,
+    /// Store directory (as for `stratafs image`).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+}
+
+/// `stratafs commit ARGS...`; prints the new image id, returns the exit status.
+pub fn commit_main(args: Vec<OsString>) -> i32 {
+    let args = match CommitArgs::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = Store::open(&args.root.unwrap_or_else(default_root)).and_then(|store| {
+        let info = commit::CommitInfo {
+            message: args.message,
+            author: args.author,
+        };
+        commit::commit(&store, &args.upper, &args.from, &args.tag, &info)
+    });
+    match result {
+        Ok(rec) => {
+            println!("{}", rec.id);
+            0
+        }
+        Err(e) => {
+            eprintln!("stratafs commit: {e}");
+            1
+        }
+    }
 }
 
 /// The store directory when `--root` is not given (shared with `stratafs run`).
@@ -216,6 +280,10 @@ fn run(args: ImageArgs) -> Result<(), ImageError> {
                     println!("{line}");
                 }
             }
+        }
+        ImageCommand::Export { reference, output } => {
+            let id = export::export(&store, &reference, &output)?;
+            println!("{id}");
         }
         ImageCommand::Prune => {
             for line in store.prune()? {

@@ -209,6 +209,11 @@ impl Store {
         Ok(f)
     }
 
+    /// Keeps `tmp/` from being swept while the caller has scratch files there.
+    pub fn tmp_guard(&self) -> Result<File, ImageError> {
+        self.share_tmp()
+    }
+
     fn share_tmp(&self) -> Result<File, ImageError> {
         let p = self.root.join("locks/tmp.lock");
         let f = File::create(&p).map_err(self.io(&p))?;
@@ -217,7 +222,8 @@ impl Store {
         Ok(f)
     }
 
-    fn scratch(&self, what: &str) -> Result<PathBuf, ImageError> {
+    /// A new scratch directory in `tmp/` (removed by the caller, or by a later sweep).
+    pub fn scratch(&self, what: &str) -> Result<PathBuf, ImageError> {
         let mut buf = [0u8; 8];
         let _ = rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty());
         let p = self
@@ -434,7 +440,7 @@ impl Store {
 
     /// Unpacks one layer blob (verified against `blob_digest` and `diff`), unless the store
     /// has it already. With no expected `diff` (a rootfs tarball) the computed one is used.
-    fn add_layer(
+    pub fn add_layer(
         &self,
         mut file: File,
         src: &LayerSource,

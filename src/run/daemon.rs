@@ -21,16 +21,17 @@ pub struct Daemon {
 
 impl Daemon {
     /// Mounts `lowers` (top first) under `upper` on `mountpoint` and waits until the mount is
-    /// live.
+    /// live. `extra` adds mount options (`,ro`).
     pub fn start(
         lowers: &[PathBuf],
         upper: &Path,
         work: &Path,
         mountpoint: &Path,
+        extra: &str,
     ) -> Result<Daemon, RunError> {
         // allow_other: the container's processes may run as other users than the daemon.
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={},allow_other",
+            "lowerdir={},upperdir={},workdir={},allow_other{extra}",
             crate::ovl::params::lowerdir_value(lowers),
             upper.display(),
             work.display()

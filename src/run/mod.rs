@@ -90,14 +90,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
 fn launch(spec: &Spec) -> Result<i32, RunError> {
     let sys = |what: &str, e: rustix::io::Errno| RunError::Setup(format!("{what}: {e}"));
     rustix::thread::set_no_new_privs(true).map_err(|e| sys("no_new_privs", e))?;
-    userns::enter()?;
-    crate::sys::container::unshare(UnshareFlags::NEWNS)
-        .map_err(|e| RunError::Setup(format!("creating a mount namespace: {e}")))?;
-    rustix::mount::mount_change(
-        "/",
-        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
-    )
-    .map_err(|e| sys("making mounts private", e))?;
+    enter_private_namespaces()?;
     let dirs = RunDir::create(spec)?;
     rundir::sweep(&spec.root, &spec.id);
     let result = dirs
@@ -113,6 +106,20 @@ fn launch(spec: &Spec) -> Result<i32, RunError> {
     result
 }
 
+/// A user namespace when not root, and a mount namespace of our own with private
+/// propagation: what is mounted from here on is seen by no one else and vanishes with the
+/// process. Must run while the process is single-threaded.
+pub fn enter_private_namespaces() -> Result<(), RunError> {
+    userns::enter()?;
+    crate::sys::container::unshare(UnshareFlags::NEWNS)
+        .map_err(|e| RunError::Setup(format!("creating a mount namespace: {e}")))?;
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(|e| RunError::Setup(format!("making mounts private: {e}")))
+}
+
 /// Mounts the union, runs the container, unmounts.
 fn run_with_daemon(spec: &Spec, dirs: &RunDir) -> Result<i32, RunError> {
     let cgroup = if spec.limits.any() {
@@ -120,8 +127,10 @@ fn run_with_daemon(spec: &Spec, dirs: &RunDir) -> Result<i32, RunError> {
     } else {
         None
     };
-    let daemon = Daemon::start(&spec.lowers, &dirs.upper, &dirs.work, &dirs.merged)?;
+    let daemon = Daemon::start(&spec.lowers, &dirs.upper, &dirs.work, &dirs.merged, "")?;
+    let made = rootfs::missing_mountpoints(&dirs.merged, spec);
     let result = run_container(spec, dirs, cgroup.as_ref());
+    rootfs::remove_mountpoints(&dirs.merged, &made);
     daemon.stop();
     result
 }

@@ -299,3 +299,58 @@ fn pivot(new_root: &Path) -> io::Result<()> {
     rustix::process::chdir("/")?;
     Ok(())
 }
+
+/// The mount targets (and their parents) the container's view will create in the union
+/// because the image lacks them: /proc, /dev, /sys, the /etc files, volume targets. Checked
+/// from the launcher before the container starts.
+pub fn missing_mountpoints(merged: &Path, spec: &Spec) -> Vec<PathBuf> {
+    let mut targets: Vec<PathBuf> = [
+        "proc",
+        "dev",
+        "sys",
+        "etc/hosts",
+        "etc/hostname",
+        "etc/resolv.conf",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    for v in &spec.volumes {
+        targets.push(
+            v.target
+                .strip_prefix("/")
+                .unwrap_or(&v.target)
+                .to_path_buf(),
+        );
+    }
+    let mut missing = Vec::new();
+    for t in targets {
+        let mut p = PathBuf::new();
+        for c in t.components() {
+            p.push(c);
+            if std::fs::symlink_metadata(merged.join(&p)).is_err() && !missing.contains(&p) {
+                missing.push(p.clone());
+            }
+        }
+    }
+    missing
+}
+
+/// Removes, through the union and once the container is gone, the empty mount targets it had
+/// to create, so they do not end up in the upper layer (and in a commit of it).
+pub fn remove_mountpoints(merged: &Path, made: &[PathBuf]) {
+    let mut made = made.to_vec();
+    made.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for rel in made {
+        let p = merged.join(&rel);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {
+                let _ = std::fs::remove_dir(&p);
+            }
+            Ok(m) if m.is_file() && m.len() == 0 => {
+                let _ = std::fs::remove_file(&p);
+            }
+            _ => {}
+        }
+    }
+}

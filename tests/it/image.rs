@@ -498,3 +498,143 @@ fn image_concurrent_imports_crash_leftovers_and_damage() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("checksum mismatch"));
 }
+
+#[test]
+fn image_commit_then_export_round_trip() {
+    let Some(f) = Fixture::new("image_commit_then_export_round_trip") else {
+        return;
+    };
+    if !can_mount("image_commit_then_export_round_trip") {
+        return;
+    }
+    let layers = vec![base_layer(), top_layer("one")];
+    oci_layout(
+        &f.path("layout"),
+        &layers,
+        &config_for(&layers, "true"),
+        "demo:1",
+        |_| {},
+    );
+    f.ok(&["import", f.path("layout").to_str().unwrap()]);
+    let upper = f.path("upper");
+    // Every kind of change: modified file, whiteout, metadata-only copy-up (chmod), renamed
+    // lower directory (redirect), directory replaced by an empty one (opaque), hard link.
+    let mutate = "echo changed > /etc/motd && rm /bin/ls && chmod 600 /etc/passwd \
+                  && mv /data /moved && rm -rf /app && mkdir /app && echo x > /app/new \
+                  && /bin/busybox ln /moved/gone-link /moved/third";
+    let run = |store: &str, image: &str, script: &str| {
+        let out = Command::new(bin())
+            .args(["run", "--root"])
+            .arg(f.path(store))
+            .args(["--image", image, "--", "/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = Command::new(bin())
+        .args(["run", "--root"])
+        .arg(f.path("store"))
+        .args([
+            "--upper",
+            upper.to_str().unwrap(),
+            "--image",
+            "demo:1",
+            "--",
+            "/bin/sh",
+            "-c",
+            mutate,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = Command::new(bin())
+        .args([
+            "commit",
+            upper.to_str().unwrap(),
+            "--from",
+            "demo:1",
+            "--tag",
+            "demo:2",
+            "-m",
+            "changes",
+            "--root",
+        ])
+        .arg(f.path("store"))
+        .output()
+        .unwrap();
+    assert!(
+        id.status.success(),
+        "{}",
+        String::from_utf8_lossy(&id.stderr)
+    );
+    let check = "cat /etc/motd; /bin/busybox stat -c %a /etc/passwd; ls -A /app; \
+                 test -e /bin/ls || echo ls-gone; test -e /data || echo data-gone; ls /moved; \
+                 test /moved/gone-link -ef /moved/third && echo linked";
+    let want = "changed\n600\nnew\nls-gone\ndata-gone\ngone-link\nthird\nlinked\n";
+    assert_eq!(run("store", "demo:2", check), want);
+    let inspect = f.ok(&["inspect", "demo:2"]);
+    assert!(inspect.contains("\"comment\": \"changes\""), "{inspect}");
+    // Export, then import the export into another store: the same image runs the same.
+    let archive = f.path("demo2.tar");
+    f.ok(&["export", "demo:2", "-o", archive.to_str().unwrap()]);
+    let out = Command::new(bin())
+        .args(["image", "--root"])
+        .arg(f.path("store2"))
+        .args(["import", archive.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(run("store2", "demo:2", check), want);
+    // Exporting twice gives the same archive content (layers are archived sorted).
+    let again = f.path("again.tar");
+    f.ok(&["export", "demo:2", "-o", again.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(&archive).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    // Bad input: one line, status 1.
+    for args in [
+        vec![
+            "commit",
+            "/nonexistent-upper",
+            "--from",
+            "demo:1",
+            "--tag",
+            "x",
+        ],
+        vec![
+            "commit",
+            upper.to_str().unwrap(),
+            "--from",
+            "nosuch",
+            "--tag",
+            "x",
+        ],
+    ] {
+        let out = Command::new(bin())
+            .args(&args)
+            .arg("--root")
+            .arg(f.path("store"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().count(),
+            1,
+            "{args:?}"
+        );
+    }
+}

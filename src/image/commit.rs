@@ -15,6 +15,7 @@ use rustix::fs::FileType;
 
 use crate::image::archive::{HashingWriter, LayerWriter, join, sorted_names};
 use crate::image::oci::LayerSource;
+use crate::image::progress::{CountingWriter, Progress};
 use crate::image::store::{ImageRecord, Store};
 use crate::image::{ImageError, oci};
 use crate::ovl::whiteout;
@@ -176,12 +177,16 @@ fn write_diff(
     let udir = sys::fs::open_host_dir(upper).map_err(io(upper))?;
     let mdir = sys::fs::open_host_dir(merged).map_err(io(merged))?;
     let file = std::fs::File::create(out).map_err(io(out))?;
-    let mut w = LayerWriter::new(HashingWriter::new(BufWriter::new(file)));
+    let bar = Progress::new("new layer".into(), None);
+    let counting = CountingWriter::new(BufWriter::new(file), bar);
+    let mut w = LayerWriter::new(HashingWriter::new(counting));
     walk(&mut w, udir.as_fd(), mdir.as_fd(), Path::new(""))?;
     let entries = w.entries;
     let hashing = w.finish()?;
-    let (digest, _, mut inner) = hashing.finish();
+    let (digest, _, counting) = hashing.finish();
+    let (mut inner, bar) = counting.into_parts();
     inner.flush().map_err(io(out))?;
+    bar.finish(&format!(" {} ({entries} entries)", digest.short()));
     inner.get_ref().sync_all().map_err(io(out))?;
     Ok((digest, entries))
 }

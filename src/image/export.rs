@@ -9,11 +9,11 @@
 use std::io::{BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::time::Instant;
 
 use crate::image::archive::{HashingWriter, LayerWriter};
 use crate::image::digest::Digest;
-use crate::image::store::{Store, human};
+use crate::image::progress::{CountingWriter, Progress};
+use crate::image::store::Store;
 use crate::image::{ImageError, oci};
 use crate::sys;
 
@@ -45,26 +45,19 @@ fn write_archive(
     };
     let mut layers = Vec::new();
     for (i, diff) in img.layers.iter().enumerate() {
-        let started = Instant::now();
+        let total = store.layer(diff).ok().map(|l| l.tar_size);
+        let bar = Progress::new(format!("layer {}/{}", i + 1, img.layers.len()), total);
         let dir = store.layer_dir(diff);
         let fd = sys::fs::open_host_dir(&dir).map_err(io(&dir))?;
         let tmp = scratch.join(format!("layer{i}.tar"));
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = LayerWriter::new(HashingWriter::new(BufWriter::new(file)));
+        let out = CountingWriter::new(BufWriter::new(file), bar);
+        let mut w = LayerWriter::new(HashingWriter::new(out));
         w.add_tree(fd.as_fd(), Path::new(""))?;
-        let (digest, size, mut inner) = w.finish()?.finish();
+        let (digest, size, counting) = w.finish()?.finish();
+        let (mut inner, bar) = counting.into_parts();
         inner.flush().map_err(io(&tmp))?;
-        if rustix::termios::isatty(std::io::stderr()) {
-            let secs = started.elapsed().as_secs_f64();
-            eprintln!(
-                "layer {}/{} {}: {} archived in {secs:.2} s ({}/s)",
-                i + 1,
-                img.layers.len(),
-                digest.short(),
-                human(size),
-                human((size as f64 / secs.max(1e-6)) as u64)
-            );
-        }
+        bar.finish(&format!(" {}", digest.short()));
         layers.push((tmp, digest, size));
     }
     let mut cfg: serde_json::Value = oci::json(config, "image config")?;
@@ -117,8 +110,15 @@ fn write_archive(
             &cfg_bytes,
         )?;
         for (path, digest, _) in &layers {
-            let mut f = std::fs::File::open(path)?;
-            tar.append_file(format!("blobs/sha256/{}", digest.hex()), &mut f)?;
+            // Fixed metadata (not the scratch file's), so exports are reproducible.
+            let f = std::fs::File::open(path)?;
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(f.metadata()?.len());
+            tar.append_data(&mut h, format!("blobs/sha256/{}", digest.hex()), f)?;
         }
         let mut inner = tar.into_inner()?;
         inner.flush()?;

@@ -15,6 +15,7 @@ pub mod export;
 pub mod extract;
 pub mod meta;
 pub mod oci;
+pub mod progress;
 pub mod store;
 
 use std::ffi::OsString;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::digest::{Digest, HashingReader};
 use crate::image::oci::{self, FoundImage, LayerSource, SourceDir};
+use crate::image::progress::{Counting, Progress};
 use crate::image::{ImageError, extract, meta};
 use crate::sys;
 
@@ -480,11 +481,12 @@ impl Store {
         }
         let compression = oci::detect_compression(&mut file)
             .map_err(|e| ImageError::Input(format!("{}: {e}", src.path)))?;
-        let started = Instant::now();
+        let total = file.metadata().ok().map(|m| m.len());
+        let mut bar = Progress::new(format!("layer {n}/{of}"), total);
         let scratch = self.scratch("layer")?;
         let result = (|| {
             let dest = sys::fs::open_host_dir(&scratch).map_err(self.io(&scratch))?;
-            let mut blob = HashingReader::new(file);
+            let mut blob = HashingReader::new(Counting::new(file, &mut bar));
             let (got_diff, tar_size, unpacked) = {
                 let stream = oci::decompressed(&mut blob, compression)?;
                 let mut tar = HashingReader::new(stream);
@@ -551,12 +553,10 @@ impl Store {
                 .join(format!("{}.json", diff_id.hex())),
             &rec,
         )?;
-        let secs = started.elapsed().as_secs_f64();
-        progress(&format!(
-            "layer {n}/{of} {}: {} unpacked in {secs:.2} s ({}/s)",
+        bar.finish(&format!(
+            " {} ({} of layer data)",
             diff_id.short(),
-            human(tar_size),
-            human((tar_size as f64 / secs.max(1e-6)) as u64)
+            human(tar_size)
         ));
         Ok(rec)
     }

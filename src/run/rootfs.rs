@@ -56,6 +56,7 @@ pub fn build(spec: &Spec, dirs: &RunDir) -> Result<(), RunError> {
 
     let nodev_nosuid_noexec = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     mount_fs(root, "proc", "proc", nodev_nosuid_noexec, "").map_err(step("mounting /proc"))?;
+    protect_proc(root).map_err(step("protecting /proc"))?;
     build_dev(root).map_err(step("setting up /dev"))?;
     mount_sys(root, spec.net).map_err(step("mounting /sys"))?;
     for name in ["hosts", "hostname", "resolv.conf"] {
@@ -97,6 +98,69 @@ pub fn build(spec: &Spec, dirs: &RunDir) -> Result<(), RunError> {
         mount_set_readonly(new_root.as_fd(), false).map_err(step("making / read-only"))?;
     }
     Ok(())
+}
+
+/// Parts of /proc that reach the host kernel, as runc protects them: read-only (sysctls,
+/// sysrq, irq affinity, bus and fs settings; root in the container could otherwise drop the
+/// host's caches or change its kernel settings), and hidden behind /dev/null or an empty
+/// read-only tmpfs (kernel memory, keys, timers, ACPI, SCSI).
+fn protect_proc(root: BorrowedFd<'_>) -> io::Result<()> {
+    for rel in [
+        "proc/sys",
+        "proc/sysrq-trigger",
+        "proc/irq",
+        "proc/bus",
+        "proc/fs",
+    ] {
+        let Ok(target) = open_existing(root, rel) else {
+            continue;
+        };
+        let tree = rustix::mount::open_tree(
+            &target,
+            "",
+            OpenTreeFlags::OPEN_TREE_CLONE
+                | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                | OpenTreeFlags::AT_EMPTY_PATH
+                | OpenTreeFlags::AT_RECURSIVE,
+        )?;
+        mount_set_readonly(tree.as_fd(), true)?;
+        rustix::mount::move_mount(
+            &tree,
+            "",
+            &target,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )?;
+    }
+    for rel in [
+        "proc/kcore",
+        "proc/keys",
+        "proc/timer_list",
+        "proc/latency_stats",
+        "proc/sched_debug",
+    ] {
+        if open_existing(root, rel).is_ok() {
+            bind(root, Path::new("/dev/null"), rel, Kind::File, true)?;
+        }
+    }
+    for rel in ["proc/acpi", "proc/scsi"] {
+        if open_existing(root, rel).is_ok() {
+            mount_fs(root, rel, "tmpfs", MountFlags::RDONLY, "mode=555")?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens `rel` inside `root` if it exists (nothing is created).
+fn open_existing(root: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
+    rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(Into::into)
 }
 
 /// `/dev`: a tmpfs with the usual devices bound from the host, a private devpts instance,

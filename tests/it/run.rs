@@ -168,10 +168,13 @@ fn run_namespaces_pid1_hostname_loopback_only() {
         let out = img.sh(
             mode,
             &["--hostname", "box"],
-            "echo $PPID; hostname; cat /etc/hostname; cat /sys/class/net/lo/flags; ls /sys/class/net",
+            "echo $PPID; hostname; cat /etc/hostname; cat /sys/class/net/lo/flags; ls /sys/class/net; \
+             (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null && echo wrote || echo sysctl-ro; \
+             cat /proc/kcore | wc -c",
         );
-        // The command's parent is pid 1 (our init); lo is up (0x9 = UP|LOOPBACK) and alone.
-        assert_eq!(out, "1\nbox\nbox\n0x9\nlo\n", "{mode:?}");
+        // The command's parent is pid 1 (our init); lo is up (0x9 = UP|LOOPBACK) and alone;
+        // root in the container cannot change host sysctls or read kernel memory.
+        assert_eq!(out, "1\nbox\nbox\n0x9\nlo\nsysctl-ro\n0\n", "{mode:?}");
     }
 }
 

@@ -638,3 +638,101 @@ fn image_commit_then_export_round_trip() {
         );
     }
 }
+
+/// A layout whose index lists one manifest per architecture (zstd layers for arm64).
+fn oci_multi_platform(dir: &Path, variants: &[(&str, Vec<Vec<u8>>)]) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = sha(bytes);
+        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
+        (d, bytes.len())
+    };
+    let mut manifests = Vec::new();
+    for (arch, layers) in variants {
+        let config = config_for(layers, "cat /app/marker");
+        let (cd, cs) = put(&config);
+        let descs: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|l| {
+                let (blob, media) = if *arch == "arm64" {
+                    let z = ruzstd::encoding::compress_to_vec(
+                        &l[..],
+                        ruzstd::encoding::CompressionLevel::Fastest,
+                    );
+                    (z, "application/vnd.oci.image.layer.v1.tar+zstd")
+                } else {
+                    (gzip(l), "application/vnd.oci.image.layer.v1.tar+gzip")
+                };
+                let (d, s) = put(&blob);
+                serde_json::json!({"mediaType": media, "digest": d, "size": s})
+            })
+            .collect();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": descs,
+        });
+        let (md, ms) = put(&serde_json::to_vec(&manifest).unwrap());
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+            "platform": {"os": "linux", "architecture": arch},
+        }));
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn image_multi_platform_index_and_zstd_layers() {
+    let Some(f) = Fixture::new("image_multi_platform_index_and_zstd_layers") else {
+        return;
+    };
+    let dir = f.path("multi");
+    oci_multi_platform(
+        &dir,
+        &[
+            ("arm64", vec![base_layer(), top_layer("arm")]),
+            ("amd64", vec![base_layer(), top_layer("amd")]),
+        ],
+    );
+    let marker = |tag: &str| {
+        let img = f.ok(&["inspect", tag]);
+        let top = img
+            .lines()
+            .filter(|l| l.contains("\"directory\""))
+            .last()
+            .unwrap()
+            .split('"')
+            .nth(3)
+            .unwrap()
+            .to_string();
+        std::fs::read_to_string(Path::new(&top).join("app/marker")).unwrap()
+    };
+    f.ok(&[
+        "import",
+        dir.to_str().unwrap(),
+        "--tag",
+        "multi:amd",
+        "--platform",
+        "linux/amd64",
+    ]);
+    assert_eq!(marker("multi:amd"), "amd");
+    // zstd-compressed layers, picked with --platform.
+    f.ok(&[
+        "import",
+        dir.to_str().unwrap(),
+        "--tag",
+        "multi:arm",
+        "--platform",
+        "linux/arm64",
+    ]);
+    assert_eq!(marker("multi:arm"), "arm");
+    let out = f.image(&["import", dir.to_str().unwrap(), "--platform", "linux/s390x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("no image for platform linux/s390x") && err.contains("linux/arm64"),
+        "{err}"
+    );
+}

@@ -4,7 +4,8 @@
 //! The whole configuration is checked first ([`spec`]); then one fixed sequence (STYLE.md
 //! habit 12, after bubblewrap):
 //!
-//! 1. launcher: no_new_privs; a user namespace when not root ([`userns`]); its own mount
+//! 1. launcher: a user namespace when not root ([`userns`], before no_new_privs, which would
+//!    disarm the setuid newuidmap that writes its id maps); no_new_privs; its own mount
 //!    namespace with private propagation, so the union is never visible on the host;
 //! 2. launcher: the run directory ([`rundir`]), sweeping those of dead launchers; the FUSE
 //!    daemon ([`daemon`]) mounting the union, outside everything the container will see;
@@ -89,6 +90,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
 /// Steps 1, 2 and the cleanup of 4.
 fn launch(spec: &Spec) -> Result<i32, RunError> {
     let sys = |what: &str, e: rustix::io::Errno| RunError::Setup(format!("{what}: {e}"));
+    // The user namespace comes first: its id maps are written by the setuid newuidmap and
+    // newgidmap, which no_new_privs would strip of their privilege. Nothing else runs before
+    // no_new_privs is set.
+    userns::enter()?;
     rustix::thread::set_no_new_privs(true).map_err(|e| sys("no_new_privs", e))?;
     enter_private_namespaces()?;
     let dirs = RunDir::create(spec)?;
@@ -110,7 +115,7 @@ fn launch(spec: &Spec) -> Result<i32, RunError> {
 /// propagation: what is mounted from here on is seen by no one else and vanishes with the
 /// process. Must run while the process is single-threaded.
 pub fn enter_private_namespaces() -> Result<(), RunError> {
-    userns::enter()?;
+    userns::enter()?; // a no-op when already root (here, or after an earlier call)
     crate::sys::container::unshare(UnshareFlags::NEWNS)
         .map_err(|e| RunError::Setup(format!("creating a mount namespace: {e}")))?;
     rustix::mount::mount_change(

@@ -700,8 +700,7 @@ fn image_multi_platform_index_and_zstd_layers() {
         let img = f.ok(&["inspect", tag]);
         let top = img
             .lines()
-            .filter(|l| l.contains("\"directory\""))
-            .last()
+            .rfind(|l| l.contains("\"directory\""))
             .unwrap()
             .split('"')
             .nth(3)

@@ -330,6 +330,45 @@ fn image_formats_import_share_layers_run_and_remove() {
     let out = f.image(&["inspect", "other:1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such image"));
+    // prune: an image whose name moved to another image is dangling and goes, with the
+    // layers only it used; a named image stays.
+    f.ok(&[
+        "import",
+        f.path("layout").to_str().unwrap(),
+        "--tag",
+        "keep:1",
+    ]);
+    f.ok(&[
+        "import",
+        f.path("layout2").to_str().unwrap(),
+        "--tag",
+        "moving:1",
+    ]);
+    let third = vec![base_layer(), top_layer("three")];
+    oci_layout(
+        &f.path("layout3"),
+        &third,
+        &config_for(&third, "true"),
+        "x:1",
+        |_| {},
+    );
+    f.ok(&[
+        "import",
+        f.path("layout3").to_str().unwrap(),
+        "--tag",
+        "moving:1",
+    ]);
+    assert_eq!(f.ok(&["ls", "--json"]).lines().count(), 3);
+    let pruned = f.ok(&["prune"]);
+    assert!(pruned.contains("deleted sha256:"), "{pruned}");
+    let ls = f.ok(&["ls", "--json"]);
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert!(ls.contains("keep:1") && ls.contains("moving:1"));
+    assert_eq!(
+        f.count("store/layers"),
+        6,
+        "base + two tops, dirs and records"
+    );
 }
 
 #[test]

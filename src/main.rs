@@ -52,9 +52,11 @@ struct MountArgs {
     positional: Vec<OsString>,
 
     /// Print the man page (roff) made from these definitions, and exit (tools/install
-    /// installs it).
-    #[arg(long, hide = true, exclusive = true)]
-    man: bool,
+    /// installs it); `--man run|image|commit` prints that subcommand's page.
+    #[arg(long, hide = true, exclusive = true, num_args = 0..=1, value_name = "PAGE",
+          default_missing_value = "stratafs",
+          value_parser = ["stratafs", "run", "image", "commit"])]
+    man: Option<String>,
 
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell), and exit.
     #[arg(long, value_name = "SHELL", hide = true, exclusive = true)]
@@ -98,7 +100,7 @@ fn main() -> ExitCode {
         args.remove(1);
     }
     let args = MountArgs::parse_from(args);
-    if args.man || args.completions.is_some() {
+    if args.man.is_some() || args.completions.is_some() {
         return match print_docs(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -173,15 +175,18 @@ fn image_options(reference: &str, args: &MountArgs) -> Result<String, String> {
 /// they cannot drift from the real command line.
 fn print_docs(args: &MountArgs) -> std::io::Result<()> {
     use clap::CommandFactory;
-    let mut cmd = MountArgs::command();
     let mut out = std::io::stdout().lock();
-    match args.completions {
-        Some(shell) => {
-            clap_complete::generate(shell, &mut cmd, "stratafs", &mut out);
-            Ok(())
-        }
-        None => clap_mangen::Man::new(cmd).render(&mut out),
+    if let Some(shell) = args.completions {
+        clap_complete::generate(shell, &mut MountArgs::command(), "stratafs", &mut out);
+        return Ok(());
     }
+    let cmd = match args.man.as_deref() {
+        Some("run") => stratafs::run::spec::RunArgs::command().name("stratafs-run"),
+        Some("image") => stratafs::image::ImageArgs::command().name("stratafs-image"),
+        Some("commit") => stratafs::image::CommitArgs::command().name("stratafs-commit"),
+        _ => MountArgs::command(),
+    };
+    clap_mangen::Man::new(cmd).render(&mut out)
 }
 
 /// Logs go to stderr; `RUST_LOG` picks levels, `-d` means debug.

@@ -183,6 +183,19 @@ fn man_page_and_completions_come_from_the_cli_definitions() {
     let text = String::from_utf8_lossy(&man.stdout);
     assert!(text.contains(".TH stratafs 1"), "not a man page");
     assert!(text.contains("uidmapping") && text.contains("lowerdir"));
+    for (page, marker) in [
+        ("run", "\\-\\-lower"),
+        ("image", "import"),
+        ("commit", "\\-\\-from"),
+    ] {
+        let out = run(["--man", page]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(&format!(".TH stratafs-{page} 1")),
+            "{page}"
+        );
+        assert!(text.contains(marker), "{page}: {marker}");
+    }
     for (shell, marker) in [
         ("bash", "_stratafs()"),
         ("zsh", "#compdef stratafs"),
@@ -221,6 +234,9 @@ fn install_puts_binary_man_page_and_completions_in_the_prefix() {
     for f in [
         "bin/stratafs",
         "share/man/man1/stratafs.1",
+        "share/man/man1/stratafs-run.1",
+        "share/man/man1/stratafs-image.1",
+        "share/man/man1/stratafs-commit.1",
         "share/bash-completion/completions/stratafs",
         "share/zsh/site-functions/_stratafs",
         "share/fish/vendor_completions.d/stratafs.fish",

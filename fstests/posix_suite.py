@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""POSIX permission and ownership conformance, in the spirit of pjdfstest: every operation
+(chmod, chown, link, mkdir, mkfifo, mknod, open, rename, rmdir, symlink, truncate, unlink,
+utimensat, ftruncate, posix_fallocate) on objects of a lower layer, as root, as the objects'
+owner (uid 1000) and as another user (uid 2000), through a fresh mount each time. A case
+records the errno (or success) and the resulting metadata of the objects involved.
+
+The oracle is a plain directory with the same tree (the filesystem the layers live on): a
+target passes a case when it gives the plain directory's result. stratafs must pass every case
+kernel overlayfs passes; cases where the kernel deviates from the plain directory too are
+reported as such (an overlay's copy-up can legitimately differ, e.g. in link counts).
+
+Usage: python3 fstests/posix_suite.py [--binary PATH] [--targets stratafs,kernel,fuse-overlayfs]
+Ends with "posix: N passed, M failed" for stratafs (failed = cases the kernel passes and
+stratafs does not).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+OWNER, OTHER = 1000, 2000
+CALLERS = {"root": 0, "owner": OWNER, "other": OTHER}
+
+
+def build(root):
+    """The lower tree: d/ (owner's), rootdir/ (root's), st/ (sticky, world-writable)."""
+    def mk(rel, mode, uid, content=None, is_dir=False):
+        p = os.path.join(root, rel)
+        if is_dir:
+            os.makedirs(p)
+        else:
+            with open(p, "w") as f:
+                f.write(content or "data")
+        os.chown(p, uid, uid)
+        os.chmod(p, mode)
+    mk("d", 0o755, OWNER, is_dir=True)
+    mk("d/f", 0o644, OWNER, "owner file")
+    mk("d/ro", 0o444, OWNER)
+    mk("d/other", 0o644, OTHER)
+    mk("d/sd", 0o755, OWNER, is_dir=True)
+    mk("rootdir", 0o755, 0, is_dir=True)
+    mk("rootdir/rf", 0o644, 0)
+    mk("st", 0o1777, 0, is_dir=True)
+    mk("st/f", 0o644, OTHER)
+
+
+def _fd_op(path, flags, fn):
+    fd = os.open(path, flags)
+    try:
+        fn(fd)
+    finally:
+        os.close(fd)
+
+
+# name -> (operation on base dir b, paths whose state is recorded afterwards)
+OPS = {
+    "chmod 0600": (lambda b: os.chmod(f"{b}/d/f", 0o600), ["d/f"]),
+    "chmod 4755": (lambda b: os.chmod(f"{b}/d/f", 0o4755), ["d/f"]),
+    "chown to self": (lambda b: os.chown(f"{b}/d/f", OWNER, OWNER), ["d/f"]),
+    "chown uid": (lambda b: os.chown(f"{b}/d/f", OTHER, -1), ["d/f"]),
+    "chown gid": (lambda b: os.chown(f"{b}/d/f", -1, OTHER), ["d/f"]),
+    "link own file": (lambda b: os.link(f"{b}/d/f", f"{b}/d/f2"), ["d/f", "d/f2"]),
+    "link root's file": (lambda b: os.link(f"{b}/rootdir/rf", f"{b}/d/rf2"), ["d/rf2"]),
+    "mkdir in d": (lambda b: os.mkdir(f"{b}/d/new", 0o750), ["d/new"]),
+    "mkdir in rootdir": (lambda b: os.mkdir(f"{b}/rootdir/new"), ["rootdir/new"]),
+    "mkfifo": (lambda b: os.mkfifo(f"{b}/d/fifo", 0o640), ["d/fifo"]),
+    "mknod chr 1:3": (lambda b: os.mknod(f"{b}/d/node", 0o600 | 0o020000, os.makedev(1, 3)),
+                      ["d/node"]),
+    "open rw own": (lambda b: _fd_op(f"{b}/d/f", os.O_RDWR, lambda fd: None), ["d/f"]),
+    "open w read-only file": (lambda b: _fd_op(f"{b}/d/ro", os.O_WRONLY, lambda fd: None),
+                              ["d/ro"]),
+    "open r other's": (lambda b: _fd_op(f"{b}/d/other", os.O_RDONLY, lambda fd: None),
+                       ["d/other"]),
+    "open creat excl": (lambda b: os.close(os.open(f"{b}/d/new", os.O_CREAT | os.O_EXCL
+                                                   | os.O_WRONLY, 0o640)), ["d/new"]),
+    "open creat in rootdir": (lambda b: os.close(os.open(f"{b}/rootdir/new", os.O_CREAT
+                                                         | os.O_WRONLY, 0o644)),
+                              ["rootdir/new"]),
+    "rename in d": (lambda b: os.rename(f"{b}/d/f", f"{b}/d/g"), ["d/f", "d/g"]),
+    "rename in sticky dir": (lambda b: os.rename(f"{b}/st/f", f"{b}/st/g"), ["st/f", "st/g"]),
+    "rmdir": (lambda b: os.rmdir(f"{b}/d/sd"), ["d/sd"]),
+    "symlink": (lambda b: os.symlink("f", f"{b}/d/sym"), ["d/sym"]),
+    "truncate own": (lambda b: os.truncate(f"{b}/d/f", 3), ["d/f"]),
+    "truncate read-only": (lambda b: os.truncate(f"{b}/d/ro", 3), ["d/ro"]),
+    "unlink": (lambda b: os.unlink(f"{b}/d/f"), ["d/f"]),
+    "unlink in sticky dir": (lambda b: os.unlink(f"{b}/st/f"), ["st/f"]),
+    "utimensat now": (lambda b: os.utime(f"{b}/d/f"), ["d/f"]),
+    "utimensat set": (lambda b: os.utime(f"{b}/d/f", (1_000_000, 1_000_000)), ["d/f"]),
+    "utimensat now other's": (lambda b: os.utime(f"{b}/d/other"), ["d/other"]),
+    "ftruncate": (lambda b: _fd_op(f"{b}/d/f", os.O_RDWR, lambda fd: os.ftruncate(fd, 5)),
+                  ["d/f"]),
+    "posix_fallocate": (lambda b: _fd_op(f"{b}/d/f", os.O_RDWR,
+                                         lambda fd: os.posix_fallocate(fd, 0, 8192)), ["d/f"]),
+}
+
+
+def as_caller(uid, fn):
+    """Runs fn() in a child with uid:uid and no supplementary groups; returns "ok" or the
+    errno name."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        res = "ok"
+        try:
+            if uid:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            fn()
+        except OSError as e:
+            res = __import__("errno").errorcode.get(e.errno, str(e.errno))
+        except Exception as e:  # noqa: BLE001 - recorded as the result
+            res = type(e).__name__
+        os.write(w, res.encode())
+        os._exit(0)
+    os.close(w)
+    out = os.read(r, 256).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out
+
+
+def state(base, rel):
+    p = os.path.join(base, rel)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return "absent"
+    size = st.st_size if not os.path.isdir(p) else 0
+    return [oct(st.st_mode), st.st_uid, st.st_gid, size,
+            st.st_nlink if not os.path.isdir(p) else 0,
+            int(st.st_mtime)]
+
+
+def run_case(target, binary, scratch, op, caller):
+    fn, paths = OPS[op]
+    d = tempfile.mkdtemp(dir=scratch)
+    lower, upper, work, merged = (os.path.join(d, x) for x in ("l", "u", "w", "m"))
+    for x in (lower, upper, work, merged):
+        os.makedirs(x)
+    os.chmod(d, 0o755)
+    build(lower)
+    base = merged
+    try:
+        opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        if target == "plain":
+            base = lower
+        elif target == "kernel":
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, merged], check=True)
+        elif target == "fuse-overlayfs":
+            subprocess.run(["fuse-overlayfs", "-o", opts, merged], check=True, capture_output=True)
+        else:
+            subprocess.run([binary, "-o", opts, merged], check=True)
+        res = as_caller(CALLERS[caller], lambda: fn(base))
+        post = {p: state(base, p) for p in paths}
+        if op != "utimensat set":
+            for v in post.values():
+                if isinstance(v, list):
+                    v[5] = 0  # times move with the clock; only the explicit set is compared
+        return [res, post]
+    finally:
+        if target != "plain":
+            subprocess.run(["umount", merged], capture_output=True)
+            subprocess.run(["umount", "-l", merged], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=common.DEFAULT_BINARY)
+    ap.add_argument("--targets", default="stratafs,kernel,fuse-overlayfs")
+    ap.add_argument("--json", help="also write every result here")
+    args = ap.parse_args()
+    targets = [t for t in args.targets.split(",")
+               if t != "fuse-overlayfs" or shutil.which("fuse-overlayfs")]
+    common.enter_private_mount_namespace()
+    scratch = tempfile.mkdtemp(prefix="stratafs-posix-", dir="/var/tmp")
+    os.chmod(scratch, 0o755)
+    results = {}
+    try:
+        for op in OPS:
+            for caller in CALLERS:
+                ref = run_case("plain", args.binary, scratch, op, caller)
+                row = {"plain": ref}
+                for t in targets:
+                    row[t] = run_case(t, args.binary, scratch, op, caller)
+                results[f"{op} as {caller}"] = row
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    totals = {t: [0, 0] for t in targets}
+    failed_ours = 0
+    for case, row in results.items():
+        marks = []
+        for t in targets:
+            ok = row[t] == row["plain"]
+            totals[t][0 if ok else 1] += 1
+            if not ok:
+                marks.append(t)
+        kernel_ok = "kernel" not in targets or row["kernel"] == row["plain"]
+        ours_ok = row.get("stratafs") == row["plain"]
+        if "stratafs" in targets and not ours_ok:
+            if kernel_ok:
+                failed_ours += 1
+                print(f"FAIL {case}: stratafs {row['stratafs']} vs plain {row['plain']}")
+            else:
+                print(f"DEVIATES {case}: kernel and stratafs differ from the plain directory "
+                      f"(kernel {row['kernel']}, stratafs {row['stratafs']}, plain {row['plain']})")
+        elif marks:
+            print(f"NOTE {case}: {', '.join(marks)} differ from the plain directory")
+    for t in targets:
+        print(f"{t}: {totals[t][0]} of {len(results)} cases as the plain directory")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    passed = len(results) - failed_ours
+    print(f"posix: {passed} passed, {failed_ours} failed")
+    return 0 if failed_ours == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,22 +115,7 @@ fn protect_proc(root: BorrowedFd<'_>) -> io::Result<()> {
         let Ok(target) = open_existing(root, rel) else {
             continue;
         };
-        let tree = rustix::mount::open_tree(
-            &target,
-            "",
-            OpenTreeFlags::OPEN_TREE_CLONE
-                | OpenTreeFlags::OPEN_TREE_CLOEXEC
-                | OpenTreeFlags::AT_EMPTY_PATH
-                | OpenTreeFlags::AT_RECURSIVE,
-        )?;
-        mount_set_readonly(tree.as_fd(), true)?;
-        rustix::mount::move_mount(
-            &tree,
-            "",
-            &target,
-            "",
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-        )?;
+        attach_clone(target.as_fd(), Path::new(""), true, &target)?;
     }
     for rel in [
         "proc/kcore",
@@ -256,21 +241,33 @@ fn bind(
     kind: Kind,
     read_only: bool,
 ) -> io::Result<()> {
-    let tree = rustix::mount::open_tree(
-        rustix::fs::CWD,
-        src,
-        OpenTreeFlags::OPEN_TREE_CLONE
-            | OpenTreeFlags::OPEN_TREE_CLOEXEC
-            | OpenTreeFlags::AT_RECURSIVE,
-    )?;
+    let target = open_in_root(root, OsStr::new(rel), kind)?;
+    attach_clone(rustix::fs::CWD, src, read_only, &target)
+}
+
+/// Clones the mount tree at `src` (relative to `dir`; the empty path means `dir` itself),
+/// read-only when asked, and attaches the clone on `target`: its attributes are set while it
+/// is still detached, so nothing ever sees it writable.
+fn attach_clone(
+    dir: BorrowedFd<'_>,
+    src: &Path,
+    read_only: bool,
+    target: &OwnedFd,
+) -> io::Result<()> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_RECURSIVE;
+    if src.as_os_str().is_empty() {
+        flags |= OpenTreeFlags::AT_EMPTY_PATH;
+    }
+    let tree = rustix::mount::open_tree(dir, src, flags)?;
     if read_only {
         mount_set_readonly(tree.as_fd(), true)?;
     }
-    let target = open_in_root(root, OsStr::new(rel), kind)?;
     rustix::mount::move_mount(
         &tree,
         "",
-        &target,
+        target,
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )?;

@@ -6,10 +6,12 @@
 //! - [`image`]: the image store (`stratafs image`), layers imported from local files;
 //! - [`run`]: `stratafs run`, the container launcher built on a union mount;
 //! - [`sys`]: the only module with `unsafe`: fd-relative syscalls and process plumbing;
+//! - [`cli`]: argument parsing shared by the subcommands;
 //! - [`error`]: typed errors and the single error-to-errno mapping.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod error;
 pub mod fuse;
 pub mod image;

@@ -144,13 +144,9 @@ pub struct CommitArgs {
 
 /// `stratafs commit ARGS...`; prints the new image id, returns the exit status.
 pub fn commit_main(args: Vec<OsString>) -> i32 {
-    let args = match CommitArgs::try_parse_from(args) {
+    let args: CommitArgs = match crate::cli::parse_or_status(args, 2) {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
     let result = Store::open(&args.root.unwrap_or_else(default_root)).and_then(|store| {
         let info = commit::CommitInfo {
@@ -185,13 +181,9 @@ pub fn default_root() -> PathBuf {
 
 /// `stratafs image ARGS...` (`args[0]` is the program name); returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let args = match ImageArgs::try_parse_from(args) {
+    let args: ImageArgs = match crate::cli::parse_or_status(args, 2) {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
     match run(args) {
         Ok(()) => 0,

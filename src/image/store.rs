@@ -194,7 +194,7 @@ impl Store {
         };
         if let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) {
             for e in rd.flatten() {
-                let _ = remove_any(&e.path());
+                let _ = sys::fs::remove_host_tree(&e.path());
             }
         }
         drop(guard);
@@ -344,7 +344,7 @@ impl Store {
             match res {
                 Ok(found) => (found, Some(scratch)),
                 Err(e) => {
-                    let _ = remove_any(&scratch);
+                    let _ = sys::fs::remove_host_tree(&scratch);
                     return Err(e);
                 }
             }
@@ -353,7 +353,7 @@ impl Store {
         };
         let result = self.import_found(&found, path, &scratch, tag, started);
         if let Some(s) = scratch {
-            let _ = remove_any(&s);
+            let _ = sys::fs::remove_host_tree(&s);
         }
         result
     }
@@ -521,7 +521,7 @@ impl Store {
         let (diff_id, tar_size, unpacked) = match result {
             Ok(v) => v,
             Err(e) => {
-                let _ = remove_any(&scratch);
+                let _ = sys::fs::remove_host_tree(&scratch);
                 return Err(e);
             }
         };
@@ -535,7 +535,7 @@ impl Store {
         let dest = self.layer_dir(&diff_id);
         if dest.is_dir() {
             // A rootfs tarball already imported: keep the first copy.
-            let _ = remove_any(&scratch);
+            let _ = sys::fs::remove_host_tree(&scratch);
         } else {
             let sync = File::open(&scratch).map_err(self.io(&scratch))?;
             let _ = rustix::fs::syncfs(&sync);
@@ -673,7 +673,7 @@ impl Store {
                 continue;
             }
             let _lock = self.lock(d.hex())?;
-            remove_any(&e.path()).map_err(self.io(&e.path()))?;
+            sys::fs::remove_host_tree(&e.path()).map_err(self.io(&e.path()))?;
             let _ = std::fs::remove_file(dir.join(format!("{hex}.json")));
             gone.push(d);
         }
@@ -713,33 +713,4 @@ fn is_image_archive(path: &Path) -> Result<bool, ImageError> {
         }
     }
     Ok(false)
-}
-
-/// Removes a file or a whole tree (making directories writable on the way: layers may hold
-/// read-only directories).
-fn remove_any(p: &Path) -> std::io::Result<()> {
-    let parent = p.parent().unwrap_or(Path::new("/"));
-    let name = p
-        .file_name()
-        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let dir = sys::fs::open_host_dir(parent)?;
-    make_writable(dir.as_fd(), name);
-    sys::fs::remove_tree(dir.as_fd(), name)
-}
-
-fn make_writable(dir: std::os::fd::BorrowedFd<'_>, name: &std::ffi::OsStr) {
-    let Ok(st) = sys::fs::stat_name(dir, name) else {
-        return;
-    };
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
-        return;
-    }
-    let _ = sys::fs::chmod_name(dir, name, 0o700);
-    if let Ok(sub) = sys::fs::open_dir_path(dir, name) {
-        if let Ok(entries) = sys::fs::read_dir(sub.as_fd()) {
-            for e in entries {
-                make_writable(sub.as_fd(), &e.name);
-            }
-        }
-    }
 }

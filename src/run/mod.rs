@@ -33,7 +33,6 @@ pub mod userns;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 
-use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -63,13 +62,9 @@ pub enum RunError {
 
 /// `stratafs run ARGS...` (`args[0]` is the program name); returns the exit status.
 pub fn main(args: Vec<OsString>) -> i32 {
-    let args = match RunArgs::try_parse_from(args) {
+    let args: RunArgs = match crate::cli::parse_or_status(args, LAUNCHER_FAILED) {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { LAUNCHER_FAILED } else { 0 };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
     let spec = match Spec::from_args(args) {
         Ok(s) => s,

@@ -129,7 +129,7 @@ impl RunDir {
                 .map_err(|e| RunError::Setup(format!("keeping {}: {e}", self.upper.display())))?;
             kept = Some(dest.join("upper"));
         }
-        remove_tree(&self.path)
+        crate::sys::fs::remove_host_tree(&self.path)
             .map_err(|e| RunError::Setup(format!("removing {}: {e}", self.path.display())))?;
         let _ = std::fs::remove_file(&self.lock_path);
         Ok(kept)
@@ -151,7 +151,7 @@ pub fn sweep(root: &Path, own_id: &str) -> usize {
             // A directory without its lock file is an orphan: the lock is created before the
             // directory and removed after it.
             if name != own_id && !runs.join(format!("{name}.lock")).exists() {
-                removed += usize::from(remove_tree(&entry.path()).is_ok());
+                removed += usize::from(crate::sys::fs::remove_host_tree(&entry.path()).is_ok());
             }
             continue;
         };
@@ -163,39 +163,11 @@ pub fn sweep(root: &Path, own_id: &str) -> usize {
         };
         if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
             let dir = runs.join(id);
-            if remove_tree(&dir).is_ok() || !dir.exists() {
+            if crate::sys::fs::remove_host_tree(&dir).is_ok() || !dir.exists() {
                 let _ = std::fs::remove_file(entry.path());
                 removed += 1;
             }
         }
     }
     removed
-}
-
-/// `rm -rf`, also through directories left without write permission.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            make_writable(path);
-            std::fs::remove_dir_all(path)
-        }
-        Ok(()) => Ok(()),
-    }
-}
-
-/// Gives the owner rwx on every directory below `path` (the kernel's `work/work` is mode 0).
-fn make_writable(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.is_dir() {
-            let mode = meta.permissions().mode() | 0o700;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
-            if let Ok(rd) = std::fs::read_dir(path) {
-                for e in rd.flatten() {
-                    make_writable(&e.path());
-                }
-            }
-        }
-    }
 }

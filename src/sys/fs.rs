@@ -580,3 +580,40 @@ pub fn zeroed_stat() -> Stat {
     // SAFETY: `Stat` is a plain C struct of integers, for which all-zero bytes are valid.
     unsafe { std::mem::zeroed() }
 }
+
+/// `rm -rf PATH` for the launcher's and the image store's own directories: removes a file or
+/// a whole tree without following symlinks, giving directories owner rwx on the way (layers
+/// and the kernel's `work/work` hold directories without write permission). A missing path
+/// is not an error.
+pub fn remove_host_tree(path: &Path) -> io::Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dir = open_host_dir(parent)?;
+    match stat_name(dir.as_fd(), name) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    make_tree_writable(dir.as_fd(), name);
+    remove_tree(dir.as_fd(), name)
+}
+
+/// Gives owner rwx to `name` in `dir` and every directory below it.
+fn make_tree_writable(dir: BorrowedFd<'_>, name: &OsStr) {
+    let Ok(st) = stat_name(dir, name) else {
+        return;
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+        return;
+    }
+    let _ = chmod_name(dir, name, (st.st_mode & 0o7777) | 0o700);
+    if let Ok(sub) = open_dir_path(dir, name) {
+        if let Ok(entries) = read_dir(sub.as_fd()) {
+            for e in entries {
+                make_tree_writable(sub.as_fd(), &e.name);
+            }
+        }
+    }
+}

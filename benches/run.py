@@ -612,6 +612,17 @@ def dd_read(c):
     return c.timed(f"dd if={c.meta['big']} of=/dev/null bs=1M status=none")
 
 
+@workload("getxattr-20k", "metadata")
+def w_getxattr(c):
+    """20000 `lgetxattr(security.selinux)` of one lower file (absent, as `ls -l` asks for every
+    entry): one request each on a FUSE mount, so this is the round-trip floor of ls -lR."""
+    target = c.meta["big"]
+    script = ("import os,sys\nfor _ in range(20000):\n try: os.getxattr(sys.argv[1],"
+              "'security.selinux',follow_symlinks=False)\n except OSError: pass\n")
+    c.run(f"ls -l {target} > /dev/null")
+    return c.timed(f"python3 -c {shlex.quote(script)} {shlex.quote(target)}")
+
+
 @workload("seqread-cold", "read", unit="MiB/s")
 def w_seqread_cold(c):
     """`dd bs=1M of=/dev/null` of the 1 GiB lower file, cold."""

@@ -1,19 +1,35 @@
 #!/usr/bin/env python3
 """POSIX permission and ownership conformance, in the spirit of pjdfstest: every operation
 (chmod, chown, link, mkdir, mkfifo, mknod, open, rename, rmdir, symlink, truncate, unlink,
-utimensat, ftruncate, posix_fallocate) on objects of a lower layer, as root, as the objects'
-owner (uid 1000) and as another user (uid 2000), through a fresh mount each time. A case
-records the errno (or success) and the resulting metadata of the objects involved.
+utimensat, ftruncate, posix_fallocate) as root, as the objects' owner (uid 1000) and as
+another user (uid 2000), through a fresh mount each time. A case records the errno (or
+success) and the resulting metadata of the objects involved.
 
-The oracle is a plain directory with the same tree (the filesystem the layers live on): a
-target passes a case when it gives the plain directory's result. stratafs must pass every case
-kernel overlayfs passes; cases where the kernel deviates from the plain directory too are
-reported as such (an overlay's copy-up can legitimately differ, e.g. in link counts).
+The objects live in one of three places ("layers"), because an overlay takes a different code
+path for each and each has had its own permission bugs:
+  lower       the tree is in the lower layer (the operation triggers the copy-up);
+  upper       the tree is created through the mount (new objects, only in the upper layer);
+  copied-up   the tree is in the lower layer and was copied up before the operation (files
+              opened for write and closed, directories given a user.* xattr; the oracle gets
+              the same treatment, which changes none of the compared metadata).
+and each matrix is run twice: as root of the initial namespace, and rootless, i.e. the union
+mounted by root of a user namespace (fstests/userns.py: ids 0-65535 identity-mapped; kernel
+overlayfs with `userxattr`, stratafs and fuse-overlayfs as FUSE mounts of that namespace)
+with the operations run by that root and by the mapped uids 1000 and 2000. Rootless is how
+podman uses fuse-overlayfs, and the FUSE daemons pick their mount options (allow_other,
+default_permissions) from their euid there: the options each FUSE target ends up with are
+printed as a NOTE.
+
+The oracle is a plain directory with the same tree (the filesystem the layers live on), in
+the same namespace: a target passes a case when it gives the plain directory's result.
+stratafs must pass every case kernel overlayfs passes; cases where the kernel deviates from
+the plain directory too are reported as such (an overlay's copy-up can legitimately differ,
+e.g. in link counts).
 
 Usage: python3 fstests/posix_suite.py [--binary PATH] [--targets stratafs,kernel,fuse-overlayfs]
+         [--layers lower,upper,copied-up] [--no-rootless]
 Ends with "posix: N passed, M failed" for stratafs (failed = cases the kernel passes and
-stratafs does not).
-"""
+stratafs does not)."""
 
 import argparse
 import json
@@ -41,6 +57,8 @@ def build(root):
                 f.write(content or "data")
         os.chown(p, uid, uid)
         os.chmod(p, mode)
+        # A fixed mtime: "utimensat set" compares it, also where the tree is made at test time.
+        os.utime(p, (1_500_000_000, 1_500_000_000))
     mk("d", 0o755, OWNER, is_dir=True)
     mk("d/f", 0o644, OWNER, "owner file")
     mk("d/ro", 0o444, OWNER)
@@ -141,25 +159,64 @@ def state(base, rel):
             int(st.st_mtime)]
 
 
-def run_case(target, binary, scratch, op, caller):
+LAYERS = ["lower", "upper", "copied-up"]
+USERNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "userns.py")
+
+
+def copy_up(base):
+    """Copies every object of the tree up without changing what `state` records: files are
+    opened for write and closed, directories get a user.* xattr."""
+    for top, dirs, files in os.walk(base):
+        os.setxattr(top, "user.posix-suite", b"1")
+        for name in files:
+            os.close(os.open(os.path.join(top, name), os.O_WRONLY))
+
+
+def mount(target, binary, opts, merged, rootless):
+    if target == "kernel":
+        extra = ",userxattr" if rootless else ""
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts + extra, merged],
+                       check=True)
+    elif target == "fuse-overlayfs":
+        subprocess.run(["fuse-overlayfs", "-o", opts, merged], check=True, capture_output=True)
+    else:
+        subprocess.run([binary, "-o", opts, merged], check=True)
+
+
+def mount_options(path):
+    """The superblock options of the mount at `path` ("" when nothing is mounted there)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == path:
+                return fields[-1]
+    return ""
+
+
+def run_case(target, binary, scratch, op, caller, layer="lower", rootless=False, seen=None):
+    """One operation as one caller on a fresh tree in `layer`; returns [result, states].
+    `seen`, when given, collects the mount's options per target."""
     fn, paths = OPS[op]
     d = tempfile.mkdtemp(dir=scratch)
     lower, upper, work, merged = (os.path.join(d, x) for x in ("l", "u", "w", "m"))
     for x in (lower, upper, work, merged):
         os.makedirs(x)
     os.chmod(d, 0o755)
-    build(lower)
+    if layer != "upper":
+        build(lower)
     base = merged
     try:
-        opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
         if target == "plain":
             base = lower
-        elif target == "kernel":
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, merged], check=True)
-        elif target == "fuse-overlayfs":
-            subprocess.run(["fuse-overlayfs", "-o", opts, merged], check=True, capture_output=True)
         else:
-            subprocess.run([binary, "-o", opts, merged], check=True)
+            mount(target, binary, f"lowerdir={lower},upperdir={upper},workdir={work}",
+                  merged, rootless)
+            if seen is not None:
+                seen[target] = mount_options(merged)
+        if layer == "upper":
+            build(base)
+        elif layer == "copied-up":
+            copy_up(base)
         res = as_caller(CALLERS[caller], lambda: fn(base))
         post = {p: state(base, p) for p in paths}
         if op != "utimensat set":
@@ -174,28 +231,51 @@ def run_case(target, binary, scratch, op, caller):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--binary", default=common.DEFAULT_BINARY)
-    ap.add_argument("--targets", default="stratafs,kernel,fuse-overlayfs")
-    ap.add_argument("--json", help="also write every result here")
-    args = ap.parse_args()
-    targets = [t for t in args.targets.split(",")
-               if t != "fuse-overlayfs" or shutil.which("fuse-overlayfs")]
-    common.enter_private_mount_namespace()
+def run_matrix(binary, targets, layers, rootless, seen):
+    """Every operation as every caller in every layer on the plain directory and each target:
+    {case name: {target: [result, states]}}."""
+    results = {}
     scratch = tempfile.mkdtemp(prefix="stratafs-posix-", dir="/var/tmp")
     os.chmod(scratch, 0o755)
-    results = {}
     try:
-        for op in OPS:
-            for caller in CALLERS:
-                ref = run_case("plain", args.binary, scratch, op, caller)
-                row = {"plain": ref}
-                for t in targets:
-                    row[t] = run_case(t, args.binary, scratch, op, caller)
-                results[f"{op} as {caller}"] = row
+        for layer in layers:
+            tag = ", ".join(x for x in (("rootless" if rootless else ""),
+                                        ("" if layer == "lower" else layer)) if x)
+            for op in OPS:
+                for caller in CALLERS:
+                    row = {"plain": run_case("plain", binary, scratch, op, caller, layer,
+                                             rootless)}
+                    for t in targets:
+                        row[t] = run_case(t, binary, scratch, op, caller, layer, rootless, seen)
+                    results[f"{op} as {caller}" + (f" [{tag}]" if tag else "")] = row
     finally:
+        common.unmount_all_under(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def run_rootless(binary, targets, layers):
+    """The matrix run by root of a new user namespace (fstests/userns.py): this script again
+    with --inner-rootless, which writes its results to a file."""
+    fd, out = tempfile.mkstemp(prefix="stratafs-posix-rootless-", dir="/var/tmp")
+    os.close(fd)
+    try:
+        r = subprocess.run([sys.executable, USERNS, sys.executable, os.path.abspath(__file__),
+                            "--binary", binary, "--targets", ",".join(targets),
+                            "--layers", ",".join(layers), "--inner-rootless", out],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode:
+            sys.exit(f"posix: the rootless run failed ({r.returncode}): {r.stderr[-500:]}")
+        with open(out) as f:
+            data = json.load(f)
+        return data["results"], data["seen"]
+    finally:
+        os.unlink(out)
+
+
+def report(results, targets):
+    """Prints FAIL/DEVIATES/NOTE lines and the per-target totals; returns stratafs's failures
+    (cases the kernel passes and stratafs does not)."""
     totals = {t: [0, 0] for t in targets}
     failed_ours = 0
     for case, row in results.items():
@@ -218,6 +298,37 @@ def main():
             print(f"NOTE {case}: {', '.join(marks)} differ from the plain directory")
     for t in targets:
         print(f"{t}: {totals[t][0]} of {len(results)} cases as the plain directory")
+    return failed_ours
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=common.DEFAULT_BINARY)
+    ap.add_argument("--targets", default="stratafs,kernel,fuse-overlayfs")
+    ap.add_argument("--layers", default=",".join(LAYERS))
+    ap.add_argument("--no-rootless", action="store_true", help="skip the user-namespace run")
+    ap.add_argument("--json", help="also write every result here")
+    ap.add_argument("--inner-rootless", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    targets = [t for t in args.targets.split(",")
+               if t != "fuse-overlayfs" or shutil.which("fuse-overlayfs")]
+    layers = [x for x in args.layers.split(",") if x]
+    binary = os.path.abspath(args.binary)
+    seen = {}
+    if args.inner_rootless:
+        results = run_matrix(binary, targets, layers, True, seen)
+        with open(args.inner_rootless, "w") as f:
+            json.dump({"results": results, "seen": seen}, f)
+        return 0
+    common.enter_private_mount_namespace()
+    results = run_matrix(binary, targets, layers, False, {})
+    if not args.no_rootless:
+        more, seen = run_rootless(binary, targets, layers)
+        results.update(more)
+        for t, opts in sorted(seen.items()):
+            if t != "kernel":
+                print(f"NOTE rootless mount options of {t}: {opts}")
+    failed_ours = report(results, targets)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -51,9 +51,17 @@ pub enum Error {
     /// Extended attributes are turned off (`noxattrs=1`).
     #[error("operation not supported")]
     NotSupported,
+    /// `mknod` of a whiteout (a 0/0 character device) through the mount: it would hide a
+    /// name instead of creating one, so overlayfs refuses it.
+    #[error("whiteout devices cannot be created through the overlay")]
+    WhiteoutDevice,
     /// Permission check failed in the daemon (only without `default_permissions`).
     #[error("permission denied")]
     PermissionDenied,
+    /// A lower layer changed under the mount: the object at a name is not the one the merged
+    /// view knows (overlayfs leaves this undefined; we answer ESTALE rather than guess).
+    #[error("lower layer changed while mounted")]
+    StaleLower,
     /// A state that should be impossible; logged, and the caller sees EIO rather than a
     /// crashed daemon.
     #[error("internal error: {0}")]
@@ -80,7 +88,9 @@ impl Error {
             Error::NoXattr => libc::ENODATA,
             Error::Range => libc::ERANGE,
             Error::NotSupported => libc::EOPNOTSUPP,
+            Error::WhiteoutDevice => libc::EPERM,
             Error::PermissionDenied => libc::EACCES,
+            Error::StaleLower => libc::ESTALE,
             Error::Internal(_) => libc::EIO,
         }
     }
@@ -89,7 +99,7 @@ impl Error {
     pub fn is_unexpected(&self) -> bool {
         matches!(
             self,
-            Error::Internal(_) | Error::StaleInode(_) | Error::BadHandle(_)
+            Error::Internal(_) | Error::StaleInode(_) | Error::BadHandle(_) | Error::StaleLower
         ) || matches!(self, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
     }
 }

@@ -97,11 +97,8 @@ impl Overlay {
         let dst = sys::fs::reopen(obj.as_fd(), OFlags::WRONLY)
             .map_err(|e| Error::io("copy-up open upper", e))?;
         debug!(target: "stratafs::upper", op = "copy_up_data", name = ?node.parent_and_name().1, size);
-        sys::fs::copy_data(src.as_fd(), dst.as_fd(), size)
+        sys::fs::copy_data(src.as_fd(), dst.as_fd(), size, self.copy_durability())
             .map_err(|e| Error::io("copy-up data", e))?;
-        if self.cfg.fsync {
-            rustix::fs::fsync(&dst).map_err(|e| Error::io("copy-up fsync", e.into()))?;
-        }
         match vfs::do_removexattr(obj.as_fd(), &upper.xattr("metacopy")) {
             Ok(()) => {}
             Err(e) if e.errno() == libc::ENODATA => {}
@@ -109,6 +106,16 @@ impl Overlay {
         }
         node.state_mut().metacopy = false;
         Ok(())
+    }
+
+    /// How copied-up data reaches the disk: synced, as kernel overlayfs does, unless the mount
+    /// is `volatile` (`fsync=0`), so a power loss never leaves a renamed-in half file.
+    pub(crate) fn copy_durability(&self) -> sys::fs::Durability {
+        if self.cfg.fsync {
+            sys::fs::Durability::Synced
+        } else {
+            sys::fs::Durability::Cached
+        }
     }
 
     fn copy_up_chain(&self, node: &Arc<Node>, meta: bool) -> Result<()> {
@@ -144,12 +151,28 @@ impl Overlay {
         let (lower_dir, lower_name) = self.real_parent(node, top.layer)?;
         let name = node.parent_and_name().1;
         let upper_dir = self.real_dir_fd(&parent, LayerIdx::UPPER)?;
-        let st = sys::fs::stat_name(lower_dir.as_fd(), &lower_name)
-            .map_err(|e| Error::io("copy-up stat", e))?;
-        let src_obj = sys::fs::open_path(lower_dir.as_fd(), &lower_name)
-            .map_err(|e| Error::io("copy-up open", e))?;
+        // A directory is copied from the object it was looked up as (its handle is kept), as
+        // the kernel copies from the lower dentry it holds, whatever the name means by now.
+        let src_obj = match node.is_dir() {
+            true => self.cached_dir_fd(node.ino, top.layer),
+            false => None,
+        };
+        let src_obj = match src_obj {
+            Some(fd) => fd,
+            None => Arc::new(
+                sys::fs::open_path(lower_dir.as_fd(), &lower_name)
+                    .map_err(|e| Error::io("copy-up open", e))?,
+            ),
+        };
+        let st = sys::fs::stat_fd(src_obj.as_fd()).map_err(|e| Error::io("copy-up stat", e))?;
         let lower_uuid = self.layers.get(top.layer).map_or([0; 16], |l| l.uuid);
         let file_type = FileType::from_raw_mode(st.st_mode);
+        if file_type != node.file_type {
+            // The lower layer changed under the mount (a directory replaced by a symlink, say):
+            // copying up what is there now would give the name another object, perhaps one
+            // leading out of the layers. Kernel overlayfs keeps the old object; we refuse.
+            return Err(Error::StaleLower);
+        }
         // A lower hard link copied up without an index records no origin (its other names
         // stay below; kernel ovl_copy_up_one).
         let hardlink = file_type != FileType::Directory && st.st_nlink > 1;
@@ -168,7 +191,14 @@ impl Overlay {
         }
         // The data of a metadata-only copy is found again by path (or redirect), as the
         // kernel does, so it needs no origin.
-        let meta = meta && file_type == FileType::RegularFile && index.is_none();
+        // A lower file that is itself metadata-only (a former upper used as a lower layer) is
+        // copied whole, its data taken from where it really is.
+        let data_below = match node.state().metacopy {
+            true => Some(self.real_parent(node, node.data_real()?.layer)?),
+            false => None,
+        };
+        let meta =
+            meta && file_type == FileType::RegularFile && index.is_none() && data_below.is_none();
         let work = upper.work.as_fd();
         let mut tmp = TempGuard::new(work, upper.tmp_name());
         debug!(target: "stratafs::upper", op = "copy_up", ?name, ?file_type, size = st.st_size, meta);
@@ -179,13 +209,18 @@ impl Overlay {
                 vfs::do_truncate(dst.as_fd(), st.st_size as u64)?;
             }
             FileType::RegularFile => {
-                let src = open_lower_file(lower_dir.as_fd(), &lower_name)?;
+                let src = match &data_below {
+                    Some((dir, name)) => open_lower_file(dir.as_fd(), name)?,
+                    None => open_lower_file(lower_dir.as_fd(), &lower_name)?,
+                };
                 let dst = vfs::do_create(work, tmp.name(), OFlags::WRONLY, 0o600)?;
-                sys::fs::copy_data(src.as_fd(), dst.as_fd(), st.st_size as u64)
-                    .map_err(|e| Error::io("copy-up data", e))?;
-                if self.cfg.fsync {
-                    rustix::fs::fsync(&dst).map_err(|e| Error::io("copy-up fsync", e.into()))?;
-                }
+                sys::fs::copy_data(
+                    src.as_fd(),
+                    dst.as_fd(),
+                    st.st_size as u64,
+                    self.copy_durability(),
+                )
+                .map_err(|e| Error::io("copy-up data", e))?;
             }
             FileType::Directory => vfs::do_mkdir(work, tmp.name(), 0o700)?,
             FileType::Symlink => {

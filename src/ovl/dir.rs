@@ -74,6 +74,12 @@ impl Overlay {
         if whiteout::is_reserved_name(name) {
             return Err(Error::InvalidName);
         }
+        if let NewObject::Node(0) = what {
+            // Kernel ovl_mknod: "Don't allow creation of "whiteout" on overlay".
+            if mode & libc::S_IFMT == libc::S_IFCHR {
+                return Err(Error::WhiteoutDevice);
+            }
+        }
         self.want_write()?;
         if !parent.is_dir() {
             return Err(Error::NotDir);

@@ -154,8 +154,13 @@ impl Overlay {
             .st_size;
         let dst = sys::fs::reopen(copy, rustix::fs::OFlags::WRONLY)
             .map_err(|e| Error::io("open index copy", e))?;
-        sys::fs::copy_data(src.as_fd(), dst.as_fd(), size as u64)
-            .map_err(|e| Error::io("copy-up data", e))?;
+        sys::fs::copy_data(
+            src.as_fd(),
+            dst.as_fd(),
+            size as u64,
+            self.copy_durability(),
+        )
+        .map_err(|e| Error::io("copy-up data", e))?;
         match vfs::do_removexattr(copy, &upper.xattr("metacopy")) {
             Err(e) if e.errno() != libc::ENODATA => Err(e),
             _ => Ok(()),

@@ -69,7 +69,7 @@ pub enum Loc {
 }
 
 /// What can change about a node over its life (by copy-up and rename, on the write side).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NodeState {
     /// The directory this node was found in; `None` only for the root. Holding the parent
     /// keeps the path to the real objects computable while the node lives.

@@ -630,7 +630,7 @@ impl Overlay {
         Ok(root.root.clone())
     }
 
-    fn cached_dir_fd(&self, ino: Ino, layer: LayerIdx) -> Option<Arc<OwnedFd>> {
+    pub(crate) fn cached_dir_fd(&self, ino: Ino, layer: LayerIdx) -> Option<Arc<OwnedFd>> {
         self.dir_fds
             .lock()
             .unwrap_or_else(|e| e.into_inner())

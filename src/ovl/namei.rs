@@ -187,11 +187,21 @@ impl Overlay {
             // unless it has no origin (a lower hard link copied up without index=on), so the
             // xattr is read for either.
             let dataless = st.st_blocks == 0 && st.st_size > 0;
-            if top_is_upper
-                && (parent_impure || dataless)
-                && FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-            {
-                metacopy = self.resolve_metacopy(parent, name, &mut reals)?;
+            let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+            if top_is_upper && (parent_impure || dataless) && regular {
+                metacopy = self.resolve_metacopy(parent, name, LayerIdx::UPPER, &mut reals)?;
+            } else if !top_is_upper && regular && self.cfg.metacopy {
+                // A lower layer that was once an upper (kernel: metacopy in any layer but the
+                // last): its data is further down, and without it there is nothing to read.
+                // As in the kernel, a file of any layer but the last may be one.
+                let top = reals.first().map(|r| r.layer).unwrap_or(LayerIdx::UPPER);
+                if self.layers.stack().any(|l| l.idx > top) {
+                    metacopy = self.resolve_metacopy(parent, name, top, &mut reals)?;
+                    if !metacopy && self.is_metacopy_at(parent, name, top)? {
+                        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+                        return Err(Error::io("lookup metacopy data", eio));
+                    }
+                }
             }
         }
         let (index_copy, indexed) = match &top_stat {
@@ -299,8 +309,14 @@ impl Overlay {
     /// An upper regular file marked `overlay.metacopy` holds only attributes: its data is the
     /// lower file its redirect names (or the one under the same name). Returns whether it is
     /// one, with `reals` set to `[upper, data]`.
-    fn resolve_metacopy(&self, parent: &Node, name: &OsStr, reals: &mut Vec<Real>) -> Result<bool> {
-        let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+    fn resolve_metacopy(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        top: LayerIdx,
+        reals: &mut Vec<Real>,
+    ) -> Result<bool> {
+        let udir = self.real_dir_fd(parent, top)?;
         let obj = sys::fs::open_path(udir.as_fd(), name).map_err(|e| Error::io("open upper", e))?;
         if !whiteout::is_metacopy(obj.as_fd()).map_err(|e| Error::io("read metacopy", e))? {
             return Ok(false);
@@ -314,14 +330,14 @@ impl Overlay {
             Loc::Abs(_) => self
                 .layers
                 .stack()
-                .filter(|l| !l.idx.is_upper())
+                .filter(|l| l.idx > top)
                 .map(|l| Real::at(l.idx))
                 .collect(),
             _ => parent
                 .state()
                 .reals
                 .iter()
-                .filter(|r| !r.layer.is_upper())
+                .filter(|r| r.layer > top)
                 .cloned()
                 .collect(),
         };
@@ -344,6 +360,13 @@ impl Overlay {
         }
         // Data gone from below: show the upper file as it is rather than fail.
         Ok(false)
+    }
+
+    /// Whether `name` under `parent`'s real directory in `layer` is marked `overlay.metacopy`.
+    fn is_metacopy_at(&self, parent: &Node, name: &OsStr, layer: LayerIdx) -> Result<bool> {
+        let dir = self.real_dir_fd(parent, layer)?;
+        let obj = sys::fs::open_path(dir.as_fd(), name).map_err(|e| Error::io("open", e))?;
+        whiteout::is_metacopy(obj.as_fd()).map_err(|e| Error::io("read metacopy", e))
     }
 
     /// Looks for the entry in one layer: at `name` (or the redirected name) under the parent's
@@ -416,28 +439,29 @@ impl Overlay {
     /// number) and its attributes.
     fn install(&self, parent: &Arc<Node>, name: &OsStr, found: Found) -> Entry {
         let ino = self.ino_for(found.reals[0].layer, found.top_stat.st_ino);
+        let state = NodeState {
+            parent: Some(parent.clone()),
+            name: name.to_owned(),
+            reals: found.reals,
+            detached: None,
+            metacopy: found.metacopy,
+            origin: found.origin,
+            index_copy: found.index_copy.clone(),
+            indexed: found.indexed,
+        };
         let candidate = Node::new(
             ino,
             FileType::from_raw_mode(found.top_stat.st_mode),
-            NodeState {
-                parent: Some(parent.clone()),
-                name: name.to_owned(),
-                reals: found.reals,
-                detached: None,
-                metacopy: found.metacopy,
-                origin: found.origin,
-                index_copy: found.index_copy.clone(),
-                indexed: found.indexed,
-            },
+            state.clone(),
         );
         let node = self.inodes.get_or_insert(candidate);
         if !node.is_dir() {
             let mut st = node.state_mut();
             if st.detached.is_some() {
-                // Found again under another name: that name locates it from now on.
-                st.parent = Some(parent.clone());
-                st.name = name.to_owned();
-                st.detached = None;
+                // Found again under another name (the other name of an indexed hard link,
+                // say): that name and what was found there locate it from now on; its old
+                // layers may have no directory where this name is.
+                *st = state;
             }
         }
         for (layer, fd) in found.dir_fds {

@@ -236,11 +236,8 @@ impl Overlay {
             }
         }
         // A .wh. file for the new name would now sit beside the object: remove it.
-        match vfs::do_unlink(ndir.as_fd(), &whiteout::wh_name(newname)) {
-            Ok(()) => {}
-            Err(e) if e.errno() == libc::ENOENT => {}
-            Err(e) => return Err(e),
-        }
+        whiteout::remove_wh_file(ndir.as_fd(), newname)
+            .map_err(|e| Error::io("unlink .wh. file", e))?;
         if let Some(dn) = dst_node {
             let gone = match dn.state().detached.as_ref() {
                 Some(fd) => sys::fs::stat_fd(fd.as_fd())

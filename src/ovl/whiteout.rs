@@ -91,6 +91,22 @@ pub fn is_xattr_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> 
     Ok(false)
 }
 
+/// Removes the `.wh.NAME` whiteout file for `name` from the layer directory `dir`, if there is
+/// one. A name of 252 bytes or more cannot have one: its `.wh.` name would be too long.
+pub fn remove_wh_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    match sys::fs::unlink(dir, &wh_name(name), false) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENAMETOOLONG)
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// Whether the layer directory `dir` holds a `.wh.NAME` whiteout for `name`.
 pub fn has_wh_file(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
     match sys::fs::stat_name(dir, &wh_name(name)) {
@@ -210,17 +226,28 @@ pub fn redirect(dir: BorrowedFd<'_>) -> io::Result<Option<crate::ovl::inode::Loc
         if value.is_empty() {
             continue;
         }
+        // Malformed redirects fail the lookup with the kernel's errnos
+        // (ovl_get_redirect_xattr: EINVAL; a "." or ".." component: EACCES from
+        // lookup_one_len). None is ever followed, so none can climb out of the layer.
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        let dot = |c: &[u8]| c == b"." || c == b"..";
         if value[0] == b'/' {
-            let rel: Vec<u8> = value.iter().skip_while(|b| **b == b'/').copied().collect();
-            if rel.is_empty() || rel.split(|b| *b == b'/').any(|c| c == b"..") {
-                continue; // never trust a redirect that would climb out of the layer
+            let rel = &value[1..];
+            if rel.is_empty() || rel.split(|b| *b == b'/').any(|c| c.is_empty()) {
+                return Err(einval());
+            }
+            if rel.split(|b| *b == b'/').any(dot) {
+                return Err(io::Error::from_raw_os_error(libc::EACCES));
             }
             return Ok(Some(crate::ovl::inode::Loc::Abs(std::path::PathBuf::from(
-                OsString::from_vec(rel),
+                OsString::from_vec(rel.to_vec()),
             ))));
         }
-        if value.contains(&b'/') || value == b".." || value == b"." {
-            continue;
+        if value.contains(&b'/') {
+            return Err(einval());
+        }
+        if dot(&value) {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         return Ok(Some(crate::ovl::inode::Loc::Renamed(OsString::from_vec(
             value,

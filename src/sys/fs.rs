@@ -385,10 +385,34 @@ pub fn set_times_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io:
     rustix::fs::utimensat(fd, "", &times, AtFlags::EMPTY_PATH).map_err(io::Error::from)
 }
 
+/// Whether a copy must be on stable storage when [`copy_data`] returns.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Durability {
+    /// fsync at the end, as kernel overlayfs does for a copy-up. (Starting writeback of each
+    /// chunk as soon as it is copied was measured: no faster on a 1 GiB copy-up.)
+    Synced,
+    /// Left to the page cache (`volatile` mounts).
+    Cached,
+}
+
 /// Copies the whole content of `src` into the empty file `dst`, fastest way first: a reflink
 /// (`FICLONE`), else `copy_file_range` over the data extents only (holes stay holes), else
-/// read/write with a large buffer. `dst` ends up exactly `size` bytes long.
-pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+/// read/write with a large buffer. `dst` ends up exactly `size` bytes long, and on disk when
+/// `durability` asks for it.
+pub fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    size: u64,
+    durability: Durability,
+) -> io::Result<()> {
+    copy_content(src, dst, size)?;
+    if durability == Durability::Synced {
+        rustix::fs::fsync(dst)?;
+    }
+    Ok(())
+}
+
+fn copy_content(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Result<()> {
     if size == 0 {
         return Ok(());
     }

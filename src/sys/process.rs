@@ -133,3 +133,24 @@ pub fn raise_nofile_limit() -> u64 {
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
+
+/// Whether process `pid` is in group `gid`: its fsgid or one of its supplementary groups (from
+/// `/proc/PID/status`, as the daemon sees ids). Why: FUSE hands us a caller's uid and gid
+/// only, and a few POSIX rules (an unprivileged truncate keeps a setgid bit only for a member
+/// of the file's group) need the rest.
+pub fn in_group(pid: u32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|line| {
+        let ids = match line.split_once(':') {
+            // Gid: real, effective, saved, filesystem.
+            Some(("Gid", rest)) => rest.split_whitespace().nth(3),
+            Some(("Groups", rest)) => {
+                return rest.split_whitespace().any(|g| g.parse() == Ok(gid));
+            }
+            _ => None,
+        };
+        ids.is_some_and(|g| g.parse() == Ok(gid))
+    })
+}

@@ -11,7 +11,8 @@ Suites (each a separate program, each ending with "N passed, M failed"):
   write-rootless  the same in a user namespace (kernel with userxattr; user.overlay.* xattrs)
   interop    interop_fuse_overlayfs.py: uppers written by fuse-overlayfs read by stratafs
   fsx        fsx.py: random-operation data-integrity exerciser against an in-memory model
-  crash      crashloop.py: SIGKILL of the daemon mid copy-up/rename/whiteout, then checks
+  crash      crashloop.py: SIGKILL of the daemon mid-way through a workload of every write
+             operation (and of remounts mid-cleanup), then checks
 
 Usage: python3 fstests/run.py [--binary PATH] [--only read,write,...]
 Ends with the line "fstests: N passed, M failed".

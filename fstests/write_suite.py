@@ -268,6 +268,9 @@ INDEX_OPS = {
     "link-other-name": "chmod 600 hl/f && ln hl/g hl/g3 && stat -c %h hl/f hl/g hl/g3",
     "rename-over-other-name": "chmod 600 hl/f && mv upper/f hl/g && stat -c %h hl/f",
     "same-inode": "chmod 600 hl/f && [ $(stat -c %i hl/f) = $(stat -c %i hl/g) ] && echo same",
+    # The exchanged name is not the one the shared inode was first looked up by.
+    "exchange-other-name": "chmod 600 hl/f && python3 -c 'import ctypes; print(ctypes.CDLL(None).renameat2(-100, b\"lower/f\", -100, b\"hl/g\", 2))' && echo W >> hl/g && echo V >> lower/f && cat hl/f hl/g lower/f",
+    "exchange-new-link": "ln hl/f hl/h && python3 -c 'import ctypes; print(ctypes.CDLL(None).renameat2(-100, b\"upper/f\", -100, b\"hl/h\", 2))' && echo W >> hl/h && echo V >> upper/f && cat hl/f hl/h upper/f",
 }
 
 

@@ -177,10 +177,11 @@ impl Overlay {
                     self.set_opaque_existing(dn)?;
                 }
             }
-            vfs::do_rename(odir.as_fd(), name, ndir.as_fd(), newname, RENAME_EXCHANGE)?;
             let dn = dst_node.ok_or(Error::Internal("exchange without target"))?;
             if !samedir {
-                // Moved entries with an origin make their new parent impure (kernel ovl_rename).
+                // Moved entries with an origin make their new parent impure (kernel
+                // ovl_rename), before the move: a crash in between must not leave an entry
+                // with an origin (or a metacopy) in a parent nobody looks into.
                 if src_node.has_origin() {
                     self.set_impure(newparent, ndir.as_fd())?;
                 }
@@ -188,11 +189,15 @@ impl Overlay {
                     self.set_impure(parent, odir.as_fd())?;
                 }
             }
-            let (sp, sn) = src_node.parent_and_name();
-            let (dp, dnm) = dn.parent_and_name();
-            set_name(src_node, dp, dnm);
-            set_name(dn, sp, sn);
+            vfs::do_rename(odir.as_fd(), name, ndir.as_fd(), newname, RENAME_EXCHANGE)?;
+            // The names the caller gave, not the nodes' cached ones: a hard-linked node may
+            // be cached under another of its names.
+            set_name(src_node, Some(newparent.clone()), newname.to_owned());
+            set_name(dn, Some(parent.clone()), name.to_owned());
             return Ok(());
+        }
+        if !samedir && src_node.has_origin() {
+            self.set_impure(newparent, ndir.as_fd())?;
         }
 
         let dst_in_upper = match sys::fs::stat_name(ndir.as_fd(), newname) {
@@ -251,9 +256,6 @@ impl Overlay {
             if dn.is_dir() {
                 self.forget_dir_fds(dn.ino, &dn.state().reals.clone());
             }
-        }
-        if !samedir && src_node.has_origin() {
-            self.set_impure(newparent, ndir.as_fd())?;
         }
         set_name(src_node, Some(newparent.clone()), newname.to_owned());
         Ok(())

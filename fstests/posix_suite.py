@@ -27,7 +27,7 @@ the plain directory too are reported as such (an overlay's copy-up can legitimat
 e.g. in link counts).
 
 Usage: python3 fstests/posix_suite.py [--binary PATH] [--targets stratafs,kernel,fuse-overlayfs]
-         [--layers lower,upper,copied-up] [--no-rootless]
+         [--layers lower,upper,copied-up] [--no-rootless] [--ops SUBSTRING]
 Ends with "posix: N passed, M failed" for stratafs (failed = cases the kernel passes and
 stratafs does not)."""
 
@@ -68,6 +68,9 @@ def build(root):
     mk("rootdir/rf", 0o644, 0)
     mk("st", 0o1777, 0, is_dir=True)
     mk("st/f", 0o644, OTHER)
+    # Set-id files anyone may write: who writes or truncates decides which bits survive.
+    mk("d/sx", 0o6777, OWNER)   # setuid + setgid with group execute
+    mk("d/sg", 0o2666, OWNER)   # setgid without group execute (kept for group members)
 
 
 def _fd_op(path, flags, fn):
@@ -118,6 +121,20 @@ OPS = {
     "posix_fallocate": (lambda b: _fd_op(f"{b}/d/f", os.O_RDWR,
                                          lambda fd: os.posix_fallocate(fd, 0, 8192)), ["d/f"]),
 }
+# Killing set-id bits: on write, truncate, open with O_TRUNC and chown (kernel
+# setattr_should_drop_suidgid: setuid always goes, setgid with group execute always, setgid
+# without it only for a caller outside the group and without CAP_FSETID).
+for _name, _rel in (("suid+sgid", "d/sx"), ("sgid no-gexec", "d/sg")):
+    OPS.update({
+        f"write {_name}": ((lambda r: lambda b: _fd_op(f"{b}/{r}", os.O_WRONLY | os.O_APPEND,
+                                                      lambda fd: os.write(fd, b"x")))(_rel),
+                           [_rel]),
+        f"truncate {_name}": ((lambda r: lambda b: os.truncate(f"{b}/{r}", 1))(_rel), [_rel]),
+        f"open O_TRUNC {_name}": ((lambda r: lambda b: os.close(
+            os.open(f"{b}/{r}", os.O_WRONLY | os.O_TRUNC)))(_rel), [_rel]),
+        f"chown -1 -1 {_name}": ((lambda r: lambda b: os.chown(f"{b}/{r}", -1, -1))(_rel),
+                                 [_rel]),
+    })
 
 
 def as_caller(uid, fn):
@@ -254,7 +271,7 @@ def run_matrix(binary, targets, layers, rootless, seen):
     return results
 
 
-def run_rootless(binary, targets, layers):
+def run_rootless(binary, targets, layers, ops=""):
     """The matrix run by root of a new user namespace (fstests/userns.py): this script again
     with --inner-rootless, which writes its results to a file."""
     fd, out = tempfile.mkstemp(prefix="stratafs-posix-rootless-", dir="/var/tmp")
@@ -262,7 +279,8 @@ def run_rootless(binary, targets, layers):
     try:
         r = subprocess.run([sys.executable, USERNS, sys.executable, os.path.abspath(__file__),
                             "--binary", binary, "--targets", ",".join(targets),
-                            "--layers", ",".join(layers), "--inner-rootless", out],
+                            "--layers", ",".join(layers), "--ops", ops,
+                            "--inner-rootless", out],
                            capture_output=True, text=True, timeout=1800)
         if r.returncode:
             sys.exit(f"posix: the rootless run failed ({r.returncode}): {r.stderr[-500:]}")
@@ -307,12 +325,15 @@ def main():
     ap.add_argument("--targets", default="stratafs,kernel,fuse-overlayfs")
     ap.add_argument("--layers", default=",".join(LAYERS))
     ap.add_argument("--no-rootless", action="store_true", help="skip the user-namespace run")
+    ap.add_argument("--ops", default="", help="only operations whose name contains this")
     ap.add_argument("--json", help="also write every result here")
     ap.add_argument("--inner-rootless", help=argparse.SUPPRESS)
     args = ap.parse_args()
     targets = [t for t in args.targets.split(",")
                if t != "fuse-overlayfs" or shutil.which("fuse-overlayfs")]
     layers = [x for x in args.layers.split(",") if x]
+    for name in [n for n in OPS if args.ops not in n]:
+        del OPS[name]
     binary = os.path.abspath(args.binary)
     seen = {}
     if args.inner_rootless:
@@ -323,7 +344,7 @@ def main():
     common.enter_private_mount_namespace()
     results = run_matrix(binary, targets, layers, False, {})
     if not args.no_rootless:
-        more, seen = run_rootless(binary, targets, layers)
+        more, seen = run_rootless(binary, targets, layers, args.ops)
         results.update(more)
         for t, opts in sorted(seen.items()):
             if t != "kernel":

@@ -1,6 +1,7 @@
 //! The FUSE adapter: `fuser::Filesystem` requests turned into [`Overlay`] calls, and core
 //! errors into errnos in exactly one place ([`OverlayFs::fail`]).
 
+mod killpriv;
 pub mod passthrough;
 pub mod session;
 
@@ -19,6 +20,7 @@ use rustix::fs::{FileType, Stat};
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
+use crate::fuse::killpriv::KillRequest;
 use crate::fuse::passthrough::{OpenMode, Passthrough, RealOpen};
 use crate::ovl::dir::{Caller, NewObject};
 use crate::ovl::file::wants_write;
@@ -50,23 +52,6 @@ impl OverlayFs {
     }
 
     /// The one place a core error becomes an errno (and a log line).
-    /// The mode without its setgid bit when an unprivileged caller outside the file's group
-    /// truncates a setgid file without group execute (kernel `setattr_should_drop_sgid`). The
-    /// kernel kills set-id bits itself only when group execute is set, since FUSE
-    /// (`fuse_do_setattr`) drops the other case; `None` when nothing is to be killed.
-    fn sgid_kill_on_truncate(&self, req: &Request, ino: INodeNo, size: Option<u64>) -> Option<u32> {
-        if size.is_none() || req.uid() == 0 {
-            return None;
-        }
-        let st = self.node(ino).and_then(|n| self.ovl.getattr(&n)).ok()?;
-        let attr = file_attr(&st, &self.ovl.cfg.ids);
-        let mode = u32::from(attr.perm);
-        let sgid_noexec = mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP == 0;
-        let member = req.gid() == attr.gid || crate::sys::process::in_group(req.pid(), attr.gid);
-        (attr.kind == FuseFileType::RegularFile && sgid_noexec && !member)
-            .then_some(mode & !libc::S_ISGID)
-    }
-
     fn fail(op: &'static str, err: &Error) -> Errno {
         if err.is_unexpected() {
             warn!(op, error = %err, "request failed");
@@ -191,10 +176,6 @@ fn fuse_file_type(t: FileType) -> FuseFileType {
 impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each capability separately: an old kernel lacking one must not cost us the rest.
-        // Not FUSE_HANDLE_KILLPRIV_V2: it leaves killing suid/sgid on write, truncate and open
-        // with O_TRUNC to us, but passthrough writes never reach us and fuser 0.18 does not
-        // show the kill flags of SETATTR and OPEN. Without it the kernel kills them itself
-        // (a SETATTR of the mode), exactly when an unprivileged caller writes.
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
@@ -204,6 +185,9 @@ impl Filesystem for OverlayFs {
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_MAX_PAGES,
+            // No getxattr(security.capability) before every write; set-id bits are then ours
+            // to remove (see `killpriv`).
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
             // Direct writes (write-only handles) flush and drop the range's cached pages on
             // every kernel version, not only where that is unconditional.
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
@@ -285,7 +269,19 @@ impl Filesystem for OverlayFs {
             return reply.error(Errno::ETXTBSY);
         }
         let ids = &self.ovl.cfg.ids;
-        let mode = mode.or_else(|| self.sgid_kill_on_truncate(req, ino, size));
+        let kill = KillRequest::of(
+            mode.is_some(),
+            uid.is_some() || gid.is_some(),
+            size.is_some(),
+            atime.is_some() || mtime.is_some(),
+        );
+        let mode = match mode {
+            Some(m) => Some(m),
+            None => match self.killed_mode(req, ino, kill) {
+                Ok(m) => m,
+                Err(e) => return reply.error(e),
+            },
+        };
         let attr = SetAttr {
             mode,
             uid: uid.map(|u| ids.uids.disk(u)),
@@ -480,16 +476,21 @@ impl Filesystem for OverlayFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.kill_on_write(req, ino) {
+                return reply.error(Self::fail("write", &e));
+            }
+        }
         match self.ovl.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(Self::fail("write", &e)),

@@ -154,3 +154,17 @@ pub fn in_group(pid: u32, gid: u32) -> bool {
         ids.is_some_and(|g| g.parse() == Ok(gid))
     })
 }
+
+/// Whether thread `tid` is blocked in a chown(2)-family system call (from
+/// `/proc/TID/syscall`); `None` when that cannot be read. Why: FUSE sends the same empty
+/// SETATTR for chown(2) to owner and group -1 as for the set-id removal before a write,
+/// and only the first may fail for want of ownership.
+pub fn in_chown_syscall(tid: u32) -> Option<bool> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/syscall")).ok()?;
+    let nr: libc::c_long = text.split_whitespace().next()?.parse().ok()?;
+    #[cfg(target_arch = "x86_64")]
+    let legacy = [libc::SYS_chown, libc::SYS_lchown];
+    #[cfg(not(target_arch = "x86_64"))]
+    let legacy: [libc::c_long; 0] = [];
+    Some([libc::SYS_fchown, libc::SYS_fchownat].contains(&nr) || legacy.contains(&nr))
+}

@@ -604,6 +604,21 @@ impl Overlay {
         }
     }
 
+    /// The directory and name of the top real object of `node`, for calls that take both;
+    /// `None` for directories (their own fd is at hand) and for objects reached through an
+    /// fd only (unlinked while open, indexed copies).
+    pub(crate) fn real_entry(&self, node: &Node) -> Result<Option<(Arc<OwnedFd>, OsString)>> {
+        let top = node.top()?;
+        let by_fd = node.is_dir() || {
+            let st = node.state();
+            st.detached.is_some() || st.index_copy.is_some()
+        };
+        if by_fd {
+            return Ok(None);
+        }
+        self.real_parent(node, top.layer).map(Some)
+    }
+
     /// `O_PATH` handle on the top real object of `node`, whatever its type.
     pub fn real_path_fd(&self, node: &Node) -> Result<Arc<OwnedFd>> {
         let top = node.top()?;

@@ -20,8 +20,15 @@ impl Overlay {
         if self.hides_xattr(name.as_bytes()) {
             return Err(Error::NoXattr);
         }
-        let fd = self.real_path_fd(node)?;
-        sys::fs::get_xattr(fd.as_fd(), name)
+        let value = match self.real_entry(node)? {
+            // One getxattrat(2) instead of an open, a getxattr and a close, where it exists.
+            Some((dir, entry)) => match sys::fs::get_xattr_at(dir.as_fd(), &entry, name) {
+                Some(found) => found,
+                None => sys::fs::get_xattr(self.real_path_fd(node)?.as_fd(), name),
+            },
+            None => sys::fs::get_xattr(self.real_path_fd(node)?.as_fd(), name),
+        };
+        value
             .map_err(|e| Error::io("getxattr", e))?
             .ok_or(Error::NoXattr)
     }

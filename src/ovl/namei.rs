@@ -62,6 +62,17 @@ pub fn check_name(name: &OsStr) -> Result<()> {
     Ok(())
 }
 
+/// What the `overlay.metacopy` mark of a regular file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metacopy {
+    /// Not marked: the file holds its own data.
+    No,
+    /// Marked, and the data was found in a layer below.
+    WithData,
+    /// Marked, but no layer below holds the data.
+    DataMissing,
+}
+
 impl Overlay {
     /// Looks `name` up in the directory `parent` and counts one kernel reference to the
     /// resulting node.
@@ -189,18 +200,23 @@ impl Overlay {
             let dataless = st.st_blocks == 0 && st.st_size > 0;
             let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
             if top_is_upper && (parent_impure || dataless) && regular {
-                metacopy = self.resolve_metacopy(parent, name, LayerIdx::UPPER, &mut reals)?;
+                // Data gone from below: the upper file is shown as it is rather than fail.
+                metacopy = self.resolve_metacopy(parent, name, LayerIdx::UPPER, &mut reals)?
+                    == Metacopy::WithData;
             } else if !top_is_upper && regular && self.cfg.metacopy {
                 // A lower layer that was once an upper (kernel: metacopy in any layer but the
                 // last): its data is further down, and without it there is nothing to read.
                 // As in the kernel, a file of any layer but the last may be one.
                 let top = reals.first().map(|r| r.layer).unwrap_or(LayerIdx::UPPER);
                 if self.layers.stack().any(|l| l.idx > top) {
-                    metacopy = self.resolve_metacopy(parent, name, top, &mut reals)?;
-                    if !metacopy && self.is_metacopy_at(parent, name, top)? {
-                        let eio = std::io::Error::from_raw_os_error(libc::EIO);
-                        return Err(Error::io("lookup metacopy data", eio));
-                    }
+                    metacopy = match self.resolve_metacopy(parent, name, top, &mut reals)? {
+                        Metacopy::No => false,
+                        Metacopy::WithData => true,
+                        Metacopy::DataMissing => {
+                            let eio = std::io::Error::from_raw_os_error(libc::EIO);
+                            return Err(Error::io("lookup metacopy data", eio));
+                        }
+                    };
                 }
             }
         }
@@ -307,20 +323,22 @@ impl Overlay {
     }
 
     /// An upper regular file marked `overlay.metacopy` holds only attributes: its data is the
-    /// lower file its redirect names (or the one under the same name). Returns whether it is
-    /// one, with `reals` set to `[upper, data]`.
+    /// lower file its redirect names (or the one under the same name). Says whether it is
+    /// one, with `reals` set to `[upper, data]` when the data was found.
     fn resolve_metacopy(
         &self,
         parent: &Node,
         name: &OsStr,
         top: LayerIdx,
         reals: &mut Vec<Real>,
-    ) -> Result<bool> {
+    ) -> Result<Metacopy> {
         let udir = self.real_dir_fd(parent, top)?;
-        let obj = sys::fs::open_path(udir.as_fd(), name).map_err(|e| Error::io("open upper", e))?;
-        if !whiteout::is_metacopy(obj.as_fd()).map_err(|e| Error::io("read metacopy", e))? {
-            return Ok(false);
+        if !whiteout::is_metacopy_entry(udir.as_fd(), name)
+            .map_err(|e| Error::io("read metacopy", e))?
+        {
+            return Ok(Metacopy::No);
         }
+        let obj = sys::fs::open_path(udir.as_fd(), name).map_err(|e| Error::io("open upper", e))?;
         let target = match self.cfg.redirect_dir.follow() {
             true => whiteout::redirect(obj.as_fd()).map_err(|e| Error::io("read redirect", e))?,
             false => None,
@@ -354,19 +372,11 @@ impl Overlay {
                         loc: target.clone(),
                         ..Real::at(pr.layer)
                     });
-                    return Ok(true);
+                    return Ok(Metacopy::WithData);
                 }
             }
         }
-        // Data gone from below: show the upper file as it is rather than fail.
-        Ok(false)
-    }
-
-    /// Whether `name` under `parent`'s real directory in `layer` is marked `overlay.metacopy`.
-    fn is_metacopy_at(&self, parent: &Node, name: &OsStr, layer: LayerIdx) -> Result<bool> {
-        let dir = self.real_dir_fd(parent, layer)?;
-        let obj = sys::fs::open_path(dir.as_fd(), name).map_err(|e| Error::io("open", e))?;
-        whiteout::is_metacopy(obj.as_fd()).map_err(|e| Error::io("read metacopy", e))
+        Ok(Metacopy::DataMissing)
     }
 
     /// Looks for the entry in one layer: at `name` (or the redirected name) under the parent's

@@ -179,6 +179,21 @@ pub fn is_metacopy(obj: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Whether entry `name` of directory `dir` is a metadata-only copy-up, read without opening
+/// it where the kernel allows (lookups ask this of every file in a deep stack).
+pub fn is_metacopy_entry(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    for attr in ["trusted.overlay.metacopy", "user.overlay.metacopy"] {
+        match sys::fs::get_xattr_at(dir, name, OsStr::new(attr)) {
+            Some(Ok(Some(_))) => return Ok(true),
+            Some(Ok(None)) => {}
+            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return is_metacopy(sys::fs::open_path(dir, name)?.as_fd()),
+        }
+    }
+    Ok(false)
+}
+
 /// The copy-up origin recorded on an upper object (kernel `struct ovl_fb` bytes), if any.
 pub fn origin(obj: BorrowedFd<'_>) -> io::Result<Option<Vec<u8>>> {
     for attr in ORIGIN_XATTRS {

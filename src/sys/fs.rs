@@ -173,29 +173,29 @@ mod xattrat {
         flags: u32,
     }
 
-    /// The number in the table every architecture shares since Linux 5.1.
-    #[cfg(any(
+    /// The number in the table the newer architectures share (Linux 6.13); `None` where
+    /// the call has another number or none.
+    const SYS_GETXATTRAT: Option<libc::c_long> = if cfg!(any(
         target_arch = "x86_64",
         target_arch = "aarch64",
         target_arch = "riscv64"
-    ))]
-    const SYS_GETXATTRAT: libc::c_long = 464;
+    )) {
+        Some(464)
+    } else {
+        None
+    };
 
     /// Set once the kernel (or a seccomp filter) answered ENOSYS.
     static MISSING: AtomicBool = AtomicBool::new(false);
 
     /// `Some(Ok(length))`, `Some(Err(errno))`, or `None` when the call is unavailable.
-    #[cfg(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    ))]
     pub(super) fn get(
         dir: BorrowedFd<'_>,
         entry: &OsStr,
         xname: &OsStr,
         buf: &mut [u8],
     ) -> Option<Result<usize, i32>> {
+        let nr = SYS_GETXATTRAT?;
         if MISSING.load(Ordering::Relaxed) {
             return None;
         }
@@ -211,7 +211,7 @@ mod xattrat {
         // argument block with its size, and `buf`, whose length the block gives.
         let rc = unsafe {
             libc::syscall(
-                SYS_GETXATTRAT,
+                nr,
                 dir.as_raw_fd(),
                 entry.as_ptr(),
                 at_flags,
@@ -233,21 +233,6 @@ mod xattrat {
             Some(libc::EPERM) | None => None,
             Some(e) => Some(Err(e)),
         }
-    }
-
-    #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    )))]
-    pub(super) fn get(
-        _dir: BorrowedFd<'_>,
-        _entry: &OsStr,
-        _xname: &OsStr,
-        _buf: &mut [u8],
-    ) -> Option<Result<usize, i32>> {
-        let _ = (&MISSING, std::mem::size_of::<XattrArgs>());
-        None
     }
 }
 

@@ -1,7 +1,7 @@
 //! Merged directory listings (kernel `fs/overlayfs/readdir.c`).
 //!
 //! A listing is built when a directory is read from offset 0 (open or `rewinddir`) and kept
-//! while it is read (see [`Listings`]): offsets name it and index into it.
+//! while it may be read (see [`Listings`]): offsets name it and index into it.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -20,7 +20,7 @@ use crate::ovl::{Entry, Overlay, vfs, whiteout};
 use crate::sys;
 
 /// One entry of a merged listing.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
     /// The name.
     pub name: OsString,
@@ -38,7 +38,11 @@ pub struct DirEntry {
 /// the high 32 bits, the index in the low ones. A read at offset 0 (open, `rewinddir`) builds a
 /// new generation, so `telldir`/`seekdir` stay stable and unlinks during a walk do not shift
 /// entries, as with the kernel's per-open `ovl_dir_cache`. A listing read to its end is
-/// dropped; abandoned ones fall out of a small LRU. A read of a dropped generation rebuilds it.
+/// kept after it was read to its end: the kernel's listing cache is shared by every open of
+/// the directory, so another reader may still continue from an offset of it after the cache
+/// is dropped (reading uncached at that offset). Listings fall out of a small LRU, bounded
+/// also by their total number of entries; a new listing equal to one kept for the directory
+/// shares its memory. A read of a dropped generation rebuilds it.
 #[derive(Debug)]
 pub struct Listings {
     map: Mutex<ListingCache>,
@@ -48,8 +52,11 @@ pub struct Listings {
 /// Listings by (directory, generation).
 type ListingCache = LruCache<(Ino, u32), Arc<Vec<DirEntry>>>;
 
-/// Listings kept for streams still reading (each is dropped at its end anyway).
+/// Listings kept for streams still reading.
 const LISTINGS_KEPT: NonZeroUsize = NonZeroUsize::new(64).expect("nonzero");
+
+/// Entries kept at most over all listings (shared ones counted each time).
+const ENTRIES_KEPT: usize = 4 << 20;
 
 impl Default for Listings {
     fn default() -> Self {
@@ -123,13 +130,24 @@ impl Overlay {
         };
         let entries = match cached {
             Some(l) => l,
-            None => Arc::new(self.read_merged(dir)?),
+            None => {
+                let fresh = self.read_merged(dir)?;
+                let map = self.dirs.lock();
+                let same = map
+                    .iter()
+                    .find(|((ino, _), l)| *ino == dir.ino && l.as_slice() == fresh.as_slice())
+                    .map(|(_, l)| l.clone());
+                same.unwrap_or_else(|| Arc::new(fresh))
+            }
         };
         let mut map = self.dirs.lock();
-        if start >= entries.len() {
-            map.pop(&key);
-        } else {
-            map.put(key, entries.clone());
+        map.put(key, entries.clone());
+        let mut total: usize = map.iter().map(|(_, l)| l.len()).sum();
+        while total > ENTRIES_KEPT && map.len() > 1 {
+            match map.pop_lru() {
+                Some((_, l)) => total -= l.len(),
+                None => break,
+            }
         }
         Ok(ListingRead {
             entries,

@@ -229,13 +229,8 @@ class Workload:
 
     def gen_overwrite(self):
         path = self.pick_file(0.05)
-        fid = self.m.paths[path]
-        steps = [self.op("truncate", path=path, size=0, via="otrunc")]
-        for i in range(self.rnd.randint(1, 3)):
-            steps.append(self.op("write", path=path, fid=fid, idx=i, via="fd"))
-        if self.rnd.random() < 0.5:
-            steps.append(self.op("fsync", path=path, via="fd"))
-        return steps
+        first = self.op("truncate", path=path, size=0, via="otrunc")
+        return self.then_written(first, path, self.m.paths[path], 1, 0.5)
 
     def gen_truncate(self):
         path = self.pick_file()
@@ -262,10 +257,15 @@ class Workload:
     def gen_create(self):
         path = self.new_name("n")
         fid = f"n{self.n + 1}"
-        steps = [self.op("create", path=path, fid=fid)]
-        for i in range(self.rnd.randint(0, 3)):
+        return self.then_written(self.op("create", path=path, fid=fid), path, fid, 0, 0.7)
+
+    def then_written(self, first, path, fid, min_writes, p_fsync):
+        """`first`, then min_writes..3 block writes through the same fd, then an fsync with
+        probability p_fsync."""
+        steps = [first]
+        for i in range(self.rnd.randint(min_writes, 3)):
             steps.append(self.op("write", path=path, fid=fid, idx=i, via="fd"))
-        if self.rnd.random() < 0.7:
+        if self.rnd.random() < p_fsync:
             steps.append(self.op("fsync", path=path, via="fd"))
         return steps
 

@@ -18,6 +18,9 @@ when nothing a program can observe differs. Each scenario
      and that readdir's d_ino equals st_ino,
   5. where both copies were built alike, compares what each left in the upper layer.
 
+A scenario with a `check` tests stratafs alone (the kernel has nothing to compare it with),
+e.g. that the daemon's count of kernel lookups balances after READDIRPLUS replies.
+
 Usage: python3 fstests/read_suite.py [--binary PATH] [--filter SUBSTR] [--list]
 Ends with the line "N passed, M failed".
 """
@@ -25,10 +28,12 @@ Ends with the line "N passed, M failed".
 import argparse
 import dataclasses
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
+import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +56,7 @@ class Scenario:
     separate_fs: bool = False  # every layer on a tmpfs of its own
     symlinked_layers: bool = False  # layers named through symlinks (containers-storage's l/)
     times: bool = True  # compare mtimes (not when the script changes the tree)
+    check: Callable = None  # a stratafs-only check(binary, stack) -> problems, run instead
 
     def alike(self):
         """Whether both copies are built in the same encodings (then uppers compare)."""
@@ -511,6 +517,81 @@ def fx_big_dir(s):
         s.file("u", f"big/n{i:05}", "")
 
 
+def fx_lookup_counts(s):
+    for i in range(3000):
+        s.file(1, f"big/f{i:04}", "x" * (i % 13))
+    for i in range(0, 1000):
+        s.file(0, f"big/f{i:04}", "over\n")
+    for i in range(1000, 1300):
+        s.whiteout(0, f"big/f{i:04}")
+    for i in range(500):
+        s.file("u", f"big/n{i:03}", "")
+    for layer in (1, 0, "u"):
+        s.file(layer, f"nest/a/b/c/from-{layer}", f"{layer}\n")
+        s.file(layer, f"nest/a/at-{layer}", f"{layer}\n")
+
+
+def check_lookup_counts(binary, s):
+    """Every READDIRPLUS entry sent is a kernel lookup, every one looked up but not sent is
+    released: once the kernel has forgotten everything the daemon holds the root only. Read
+    with `ls -l`, `find` and `ls -lR`, caches dropped (FORGETs), the big directory read again
+    (a node dropped too early fails here), caches dropped again and unmounted. The last drop
+    is needed: at unmount the connection ends before the kernel evicts its inodes, so it
+    sends no FORGETs then."""
+    mnt, log = f"{s.top}/m", f"{s.top}/daemon.log"
+    problems = []
+
+    def sh(script):
+        p = subprocess.run(["bash", "-c", script], cwd=mnt, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "LC_ALL": "C"}, errors="replace")
+        if p.returncode or p.stderr:
+            problems.append(f"  {script}: exit={p.returncode} {p.stderr[:300]!r}")
+        return p.stdout
+
+    def names_sizes():
+        return sorted(sh("ls -ln big | awk 'NR > 1 {print $NF, $5}'").splitlines())
+
+    opts = common.overlay_opts(s.lowers, "uw/u", "uw/w")
+    with open(log, "w") as err:
+        daemon = subprocess.Popen([binary, "-f", "-o", opts, mnt], cwd=s.top, stderr=err,
+                                  stdout=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "info"})
+    try:
+        for _ in range(300):
+            if common.is_mounted(mnt) or daemon.poll() is not None:
+                break
+            time.sleep(0.1)
+        if not common.is_mounted(mnt):
+            return [f"  not mounted: {open(log).read()[-500:]!r}"]
+        first = names_sizes()
+        if len(first) != 3200:
+            problems.append(f"  ls -l big: {len(first)} entries, want 3200")
+        sh("find . -printf '%s %i\\n' >/dev/null; ls -lR . >/dev/null")
+        sh("sync; echo 2 > /proc/sys/vm/drop_caches")
+        if names_sizes() != first:
+            problems.append("  ls -l big after drop_caches differs from before")
+        try:
+            stats = sorted(f"{n} {os.lstat(f'{mnt}/big/{n}').st_size}" for n, _ in
+                           (line.split(" ") for line in first))
+            if stats != first:
+                problems.append("  stat of big/* after drop_caches differs from ls -l before")
+        except OSError as e:
+            problems.append(f"  stat after drop_caches: {e}")
+        sh("sync; echo 2 > /proc/sys/vm/drop_caches")
+        subprocess.run(["umount", mnt], check=True)
+        daemon.wait(timeout=30)
+    finally:
+        common.unmount(mnt)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log).read())
+    nodes = re.findall(r"unmounted.*\bnodes=(\d+)", text)
+    if nodes != ["1"]:
+        problems.append(f"  daemon at unmount: nodes={','.join(nodes) or 'not logged'} "
+                        "(want 1: the root only)")
+    return problems
+
+
 def fx_readdir(s):
     for layer, n in ((2, 100), (1, 100), (0, 100)):
         for i in range(n):
@@ -678,6 +759,7 @@ def scenarios():
         Scenario("hardlinks", fx_hardlinks, "stat -c '%n %h' a sub/b c x y p r t; $PROBE errno stat q"),
         Scenario("xattrs", fx_xattrs, XATTR_SCRIPT),
         Scenario("big-dir-10k", fx_big_dir, "ls big | wc -l; ls -f big | sort | md5sum; $PROBE seek big"),
+        Scenario("readdirplus-lookup-counts", fx_lookup_counts, check=check_lookup_counts),
         Scenario("readdir-seekdir", fx_readdir,
                  "for d in merged updir lowdir mixed .; do $PROBE seek $d; done", nlower=3),
         Scenario("readdir-interleaved-unlink", fx_readdir,
@@ -725,6 +807,11 @@ def scenarios():
 # ---------------------------------------------------------------- running
 
 def run_one(binary, tmp, sc):
+    if sc.check:
+        stack = Stack(f"{tmp}/s", sc, False)
+        sc.build(stack)
+        stack.finish()
+        return sc.check(binary, stack)
     k, s = f"{tmp}/k", f"{tmp}/s"
     for top, kernel in ((k, True), (s, False)):
         stack = Stack(top, sc, kernel)
@@ -773,7 +860,8 @@ def main():
         print("read suite needs root, /dev/fuse and the stratafs binary")
         print(f"0 passed, {len(todo)} failed")
         return 1
-    failed = common.run_suite("read suite", todo, lambda tmp, sc: run_one(args.binary, tmp, sc))
+    binary = os.path.abspath(args.binary)  # the daemons start in the fixture's directory
+    failed = common.run_suite("read suite", todo, lambda tmp, sc: run_one(binary, tmp, sc))
     return 1 if failed else 0
 
 

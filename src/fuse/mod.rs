@@ -3,6 +3,7 @@
 
 mod killpriv;
 pub mod passthrough;
+mod readdirplus;
 pub mod session;
 
 use std::ffi::OsStr;
@@ -27,7 +28,6 @@ use crate::ovl::file::wants_write;
 use crate::ovl::idmap::IdMap;
 use crate::ovl::inode::{Ino, Node};
 use crate::ovl::layer::LayerIdx;
-use crate::ovl::readdir::is_dot_or_dotdot;
 use crate::ovl::setattr::SetAttr;
 use crate::ovl::{Entry, Overlay};
 use crate::sys::fs::TimeSpec;
@@ -37,6 +37,8 @@ pub struct OverlayFs {
     ovl: Arc<Overlay>,
     ttl: Duration,
     passthrough: Passthrough,
+    /// Whether READDIRPLUS may look entries up on a second thread (more than one CPU).
+    helper_threads: bool,
 }
 
 impl OverlayFs {
@@ -48,6 +50,7 @@ impl OverlayFs {
             ovl,
             ttl,
             passthrough,
+            helper_threads: readdirplus::helper_threads_useful(),
         }
     }
 
@@ -581,7 +584,7 @@ impl Filesystem for OverlayFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
         debug!(op = "readdirplus", ino = ino.0, offset);
         let (dir, listing) = match self
@@ -591,59 +594,13 @@ impl Filesystem for OverlayFs {
             Ok(v) => v,
             Err(e) => return reply.error(Self::fail("readdirplus", &e)),
         };
-        for (i, e) in listing.entries.iter().enumerate().skip(listing.start) {
-            let next = listing.offset_after(i);
-            if is_dot_or_dotdot(&e.name) {
-                // Not counted as lookups by the kernel.
-                let target = if e.name == "." {
-                    dir.clone()
-                } else {
-                    dir.state().parent.clone().unwrap_or_else(|| dir.clone())
-                };
-                let Ok(mut st) = self.ovl.getattr(&target) else {
-                    continue;
-                };
-                st.st_ino = e.ino.0;
-                if reply.add(
-                    INodeNo(e.ino.0),
-                    next,
-                    &e.name,
-                    &self.ttl,
-                    &file_attr(&st, &self.ovl.cfg.ids),
-                    Generation(0),
-                ) {
-                    break;
-                }
-                continue;
-            }
-            match self.ovl.lookup(&dir, &e.name) {
-                Ok(entry) => {
-                    let attr = file_attr(&entry.stat, &self.ovl.cfg.ids);
-                    let generation = Generation(entry.node.generation);
-                    if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, generation) {
-                        // Not sent: the kernel will not count this lookup.
-                        self.ovl.forget(entry.node.ino, 1);
-                        break;
-                    }
-                }
-                // Vanished since the listing was made, or not to be looked up (a refused
-                // redirect): still listed, like the kernel's cached listing, as an inode that
-                // is not cached, so that the next lookup reports what is wrong.
-                Err(err) => {
-                    if !matches!(err, Error::NotFound) {
-                        Self::fail("readdirplus lookup", &err);
-                    }
-                    let entry = self.ovl.vanished_entry(&dir, e);
-                    let attr = file_attr(&entry.stat, &self.ovl.cfg.ids);
-                    let generation = Generation(entry.node.generation);
-                    if reply.add(attr.ino, next, &e.name, &Duration::ZERO, &attr, generation) {
-                        self.ovl.forget(entry.node.ino, 1);
-                        break;
-                    }
-                }
-            }
-        }
-        reply.ok();
+        let rest = listing.entries.get(listing.start..).unwrap_or_default();
+        self.reply_readdirplus(
+            &dir,
+            rest,
+            |i| listing.offset_after(listing.start + i),
+            reply,
+        );
     }
 
     fn fsyncdir(

@@ -85,15 +85,25 @@ impl Overlay {
             return Err(Error::NotDir);
         }
         self.copy_up(parent)?;
-        if self.lookup_real(parent, name)?.is_some() {
+        let upper = self.upper_ctx()?;
+        let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
+        let slot = upper_slot(udir.as_fd(), name)?;
+        let upper_only = {
+            let st = parent.state();
+            st.reals.len() == 1 && st.reals[0].layer.is_upper()
+        };
+        // In a directory only the upper layer has, nothing in the upper means nothing at all
+        // (the search would look at the same two names again).
+        let exists = match (upper_only, slot) {
+            (true, UpperSlot::Empty | UpperSlot::WhFile) => false,
+            _ => self.lookup_real(parent, name)?.is_some(),
+        };
+        if exists {
             return Err(Error::io(
                 "create",
                 std::io::Error::from_raw_os_error(libc::EEXIST),
             ));
         }
-        let upper = self.upper_ctx()?;
-        let udir = self.real_dir_fd(parent, LayerIdx::UPPER)?;
-        let slot = upper_slot(udir.as_fd(), name)?;
         let parent_st = sys::fs::stat_fd(udir.as_fd()).map_err(|e| Error::io("stat parent", e))?;
         // New objects belong to the caller; in a set-group-id directory they take its group,
         // and directories inherit the bit (inode_init_owner).
@@ -136,6 +146,7 @@ impl Overlay {
             NewObject::Dir => self.upper_override(libc::S_IFDIR),
             _ => None,
         };
+        let mut owned_as_created = false;
         match owner_xattr {
             Some(which) => {
                 let obj = sys::fs::open_path(dir, &obj_name).map_err(|e| Error::io("open", e))?;
@@ -146,6 +157,8 @@ impl Overlay {
                 };
                 override_stat::write(obj.as_fd(), which, owner)?;
             }
+            // Created by us, it is already owned by the caller when the caller is us.
+            None if (caller.uid, gid) == self.created_owner(&parent_st) => owned_as_created = true,
             None => match vfs::do_chown(dir, &obj_name, Some(caller.uid), Some(gid)) {
                 // Squashed owners: an owner the layers cannot take is not an error
                 // (fuse-overlayfs), the object shows the squashed owner anyway.
@@ -153,7 +166,17 @@ impl Overlay {
                 other => other?,
             },
         }
-        if !matches!(what, NewObject::Symlink(_)) {
+        // A regular file created with `perm` (our umask is 0), not chowned since, in a
+        // directory known to have no default ACL, already has that mode (set-id bits aside:
+        // creation may drop them).
+        let has_mode = owned_as_created
+            && matches!(what, NewObject::File(_))
+            && perm & (libc::S_ISUID | libc::S_ISGID) == 0
+            && self.cfg.acl
+            && parent_default.is_none()
+            && acls.access.is_none()
+            && acls.default.is_none();
+        if !matches!(what, NewObject::Symlink(_)) && !has_mode {
             // chown may have cleared set-id bits; and the daemon's umask is 0, so this is the
             // mode the caller asked for.
             vfs::do_chmod(dir, &obj_name, perm)?;

@@ -224,20 +224,30 @@ impl Node {
 }
 
 /// All nodes the kernel may name in a request.
+///
+/// Why shards: every request starts by finding its node here, and lookups, creates and
+/// forgets insert and remove; one lock made the threads of a `create`/`rm -rf` storm wait for
+/// each other. A node lives in the shard its number picks; nothing spans two shards.
 #[derive(Debug, Default)]
 pub struct InodeTable {
-    map: RwLock<HashMap<Ino, Arc<Node>>>,
+    shards: [RwLock<InoMapShard>; SHARDS],
 }
+
+/// One shard of the table.
+type InoMapShard = HashMap<Ino, Arc<Node>, BuildInoHasher>;
+
+/// Shards of the inode table (a power of two).
+const SHARDS: usize = 16;
 
 impl InodeTable {
     /// Installs the root node (never forgotten).
     pub fn set_root(&self, root: Arc<Node>) {
-        self.map_mut().insert(Ino::ROOT, root);
+        self.shard_mut(Ino::ROOT).insert(Ino::ROOT, root);
     }
 
     /// The node for `ino`, if the kernel may still use it.
     pub fn get(&self, ino: Ino) -> Result<Arc<Node>> {
-        self.map
+        self.shard(ino)
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&ino)
@@ -248,7 +258,7 @@ impl InodeTable {
     /// Returns the node already known under `candidate.ino` if it is the same kind of object,
     /// else installs `candidate`; either way counts one kernel lookup.
     pub fn get_or_insert(&self, mut candidate: Node) -> Arc<Node> {
-        let mut map = self.map_mut();
+        let mut map = self.shard_mut(candidate.ino);
         let node = match map.get(&candidate.ino) {
             Some(existing)
                 if existing.file_type == candidate.file_type
@@ -283,7 +293,7 @@ impl InodeTable {
     /// the live node with that number if there is one, else a dead placeholder, so that the
     /// kernel's reference is counted and later requests on it fail cleanly. Counts one lookup.
     pub fn get_or_insert_ghost(&self, ghost: Node) -> Arc<Node> {
-        let mut map = self.map_mut();
+        let mut map = self.shard_mut(ghost.ino);
         let node = match map.get(&ghost.ino) {
             Some(existing) => existing.clone(),
             None => {
@@ -307,7 +317,7 @@ impl InodeTable {
         if ino == Ino::ROOT {
             return;
         }
-        let mut map = self.map_mut();
+        let mut map = self.shard_mut(ino);
         if let Some(node) = map.get(&ino) {
             let prev = node
                 .lookups
@@ -323,7 +333,10 @@ impl InodeTable {
 
     /// Number of nodes held (for logs and the memory benchmarks).
     pub fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 
     /// Whether only the root is left.
@@ -331,8 +344,46 @@ impl InodeTable {
         self.len() <= 1
     }
 
-    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Ino, Arc<Node>>> {
-        self.map.write().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, ino: Ino) -> &RwLock<InoMapShard> {
+        // The low bits of a real inode number vary most; fold in the filesystem bits too.
+        let i = (ino.0 ^ (ino.0 >> 48)) as usize & (SHARDS - 1);
+        &self.shards[i]
+    }
+
+    fn shard_mut(&self, ino: Ino) -> RwLockWriteGuard<'_, InoMapShard> {
+        self.shard(ino).write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Hashes inode numbers for the table: they are already unique integers, so a multiply and
+/// fold spreads them well enough, at a fraction of SipHash's cost (no untrusted keys here:
+/// numbers come from the layers' filesystems, not from callers).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BuildInoHasher;
+
+impl std::hash::BuildHasher for BuildInoHasher {
+    type Hasher = InoHasher;
+    fn build_hasher(&self) -> InoHasher {
+        InoHasher(0)
+    }
+}
+
+/// See [`BuildInoHasher`].
+#[derive(Debug)]
+pub struct InoHasher(u64);
+
+impl std::hash::Hasher for InoHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Overlay {
     with_origin: Mutex<std::collections::HashSet<u64>>,
     /// Upper inode numbers whose origin xattr has been looked at (found or not).
     origin_checked: Mutex<std::collections::HashSet<u64>>,
+    /// The daemon's effective (uid, gid): the owner of what it creates, unless a set-group-id
+    /// directory gives the group.
+    own_ids: (u32, u32),
 }
 
 /// Callback dropping the kernel's cached attributes of an inode.
@@ -260,9 +263,23 @@ impl Overlay {
             origin_checked: Mutex::new(std::collections::HashSet::new()),
             split_links: Mutex::new(HashMap::new()),
             with_origin: Mutex::new(std::collections::HashSet::new()),
+            own_ids: (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
         };
         ovl.init_index()?;
         Ok(ovl)
+    }
+
+    /// The owner an object created by the daemon in a directory with attributes `parent`
+    /// gets from the kernel (inode_init_owner).
+    pub(crate) fn created_owner(&self, parent: &Stat) -> (u32, u32) {
+        let gid = match parent.st_mode & libc::S_ISGID != 0 {
+            true => parent.st_gid,
+            false => self.own_ids.1,
+        };
+        (self.own_ids.0, gid)
     }
 
     /// Whether the lower layers may still be changed between mounts (kernel

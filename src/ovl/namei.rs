@@ -146,7 +146,7 @@ impl Overlay {
             // redirect_dir=follow the kernel does not guess where the directory came from but
             // refuses the lookup ("refusing to follow redirect").
             let more_below = i < candidates.len() || self.cfg.redirect_dir.follow();
-            let redirect = if more_below && !markers.opaque {
+            let redirect = if more_below && !markers.opaque && markers.redirect {
                 whiteout::redirect(fd.as_fd()).map_err(|e| Error::io("read redirect", e))?
             } else {
                 None

@@ -132,6 +132,9 @@ pub struct DirMarkers {
     pub xwhiteouts: bool,
     /// `overlay.impure=y`: some entries were copied up and carry an origin.
     pub impure: bool,
+    /// An `overlay.redirect` attribute is present (read it with [`redirect`]); known from the
+    /// attribute list, so that lookups of ordinary directories skip two reads.
+    pub redirect: bool,
 }
 
 /// Reads the opaque markers of the directory held by `dir` (an `O_PATH` handle).
@@ -146,6 +149,10 @@ pub fn dir_markers(dir: BorrowedFd<'_>) -> io::Result<DirMarkers> {
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         if IMPURE_XATTRS.iter().any(|a| a.as_bytes() == name) {
             markers.impure = true;
+            continue;
+        }
+        if REDIRECT_XATTRS.iter().any(|a| a.as_bytes() == name) {
+            markers.redirect = true;
             continue;
         }
         if OPAQUE_XATTRS.iter().any(|a| a.as_bytes() == name) {

@@ -815,7 +815,7 @@ def measure(spec, drop):
     """Mounts `spec["target"]` fresh (empty upper/work), runs the workload, unmounts and cleans
     up. Returns {metric: value}; raises on failure, Skip when it does not apply."""
     target, w = spec["target"], BY_NAME[spec["workload"]]
-    kind, binkey, _ = TARGETS[target]
+    kind, binkey, _ = spec.get("tdef") or TARGETS[target]
     with open(os.path.join(spec["fx"], "meta.json")) as f:
         meta = json.load(f)
     timeout = meta["sizes"]["timeout"]
@@ -1147,6 +1147,10 @@ def main():
                     "'none' uses the filesystem of " + BENCH_ROOT + " as it is")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the fixture")
     ap.add_argument("--stratafs", default=DEFAULT_STRATA, help="stratafs binary to run")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="one more target: any binary with the fuse-overlayfs command line "
+                         "(another stratafs build, a fuse-overlayfs version); a NAME ending "
+                         "in -rootless runs it in a user namespace; may repeat")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results directory")
     ap.add_argument("--max-load", type=float, default=1.5,
                     help="wait (up to --max-wait s) while the 1-min load is above this")
@@ -1165,6 +1169,14 @@ def main():
         sys.exit("run as root")
 
     bins = {"strata": os.path.abspath(args.stratafs), "fo1": FO1, "fo2": FO2}
+    extras = []
+    for e in args.extra:
+        name, sep, path = e.partition("=")
+        if not sep or not name or not path or name in TARGETS or "/" in name:
+            sys.exit(f"--extra {e!r}: want NAME=PATH with a new target name")
+        TARGETS[name] = ("fuse", name, name.endswith("-rootless"))
+        bins[name] = os.path.abspath(path)
+        extras.append(name)
     notes = []
     if args.targets:
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -1173,6 +1185,7 @@ def main():
                 sys.exit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
     else:
         targets = list(DEFAULT_TARGETS)
+    targets += [e for e in extras if e not in targets]
     avail = []
     for t in targets:
         kind, bk, rootless = TARGETS[t]
@@ -1228,7 +1241,7 @@ def main():
             for rep in range(args.reps):
                 for t in targets:
                     spec = {"target": t, "workload": w.name, "fx": fx, "run_dir": run_dir,
-                            "bins": bins, "pristine": pristine}
+                            "bins": bins, "pristine": pristine, "tdef": TARGETS[t]}
                     t0 = time.monotonic()
                     try:
                         if TARGETS[t][2]:

@@ -37,8 +37,6 @@ pub struct OverlayFs {
     ovl: Arc<Overlay>,
     ttl: Duration,
     passthrough: Passthrough,
-    /// Whether READDIRPLUS may look entries up on a second thread (more than one CPU).
-    helper_threads: bool,
 }
 
 impl OverlayFs {
@@ -50,7 +48,6 @@ impl OverlayFs {
             ovl,
             ttl,
             passthrough,
-            helper_threads: readdirplus::helper_threads_useful(),
         }
     }
 

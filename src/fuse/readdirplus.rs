@@ -1,14 +1,14 @@
-//! READDIRPLUS replies: a listing's entries with their attributes, looked up by two threads.
+//! READDIRPLUS replies: a listing's entries with their attributes.
 //!
-//! Why two: every entry of a READDIRPLUS reply costs a lookup (a `stat` in each layer that may
-//! hold the name, reading inodes from disk when cold) while the walking program sleeps, so one
-//! request keeps one CPU busy and leaves the others idle. A helper thread looks up entries
-//! ahead while the request's own thread adds them to the reply in order; both claim entries
-//! from one counter, so when the reply is full at most the one or two entries in flight have
-//! been looked up for nothing (and are released again).
+//! Each entry sent counts as one kernel lookup of its inode, so the reply is built entry by
+//! entry and stops at the first that does not fit (released again). `.` and `..` cost
+//! nothing: the kernel ignores their attributes.
+//!
+//! Tried and dropped: looking entries up ahead on a second thread. In one interleaved run of
+//! 7 repetitions it made a cold `find` 6% faster but a cold stat walk and `ls -lR` 4% slower,
+//! and the daemon's RSS after a walk 5 MiB larger (a malloc arena per helper thread).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{Generation, ReplyDirectoryPlus};
@@ -20,10 +20,6 @@ use crate::ovl::Entry;
 use crate::ovl::inode::Node;
 use crate::ovl::readdir::{DirEntry, is_dot_or_dotdot};
 use crate::sys;
-
-/// Entries left to list from which a helper thread pays for its start (tens of
-/// microseconds, against a few to tens per lookup).
-const HELPER_FROM: usize = 16;
 
 /// A lookup's result, or `None` for `.` and `..` (which are not looked up).
 type Looked = Option<Result<Entry>>;
@@ -82,66 +78,11 @@ impl OverlayFs {
             }
             full
         };
-        if entries.len() < HELPER_FROM || !self.helper_threads {
-            for (i, e) in entries.iter().enumerate() {
-                if add(i, lookup(e)) {
-                    break;
-                }
-            }
-            return reply.ok();
-        }
-        // Set once looked up; the reply takes the result out.
-        let slots: Vec<OnceLock<Mutex<Looked>>> = entries.iter().map(|_| OnceLock::new()).collect();
-        let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        // Looks up the next unclaimed entry; false when none is left.
-        let claim = || -> bool {
-            let j = next.fetch_add(1, Ordering::Relaxed);
-            if j >= entries.len() {
-                return false;
-            }
-            let _ = slots[j].set(Mutex::new(lookup(&entries[j])));
-            true
-        };
-        let mut sent = entries.len();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    if !claim() {
-                        break;
-                    }
-                }
-            });
-            for (i, slot) in slots.iter().enumerate() {
-                while slot.get().is_none() {
-                    if !claim() {
-                        // The helper is looking this entry up: at most one lookup to wait.
-                        std::thread::yield_now();
-                    }
-                }
-                if add(i, slot.get().and_then(take)) {
-                    stop.store(true, Ordering::Relaxed);
-                    sent = i + 1;
-                    break;
-                }
-            }
-        });
-        // Entries looked up ahead but not sent: the kernel never counts them.
-        for slot in slots.into_iter().skip(sent) {
-            if let Some(Ok(entry)) = slot.into_inner().and_then(|m| take(&m)) {
-                ovl.forget(entry.node.ino, 1);
+        for (i, e) in entries.iter().enumerate() {
+            if add(i, lookup(e)) {
+                break;
             }
         }
         reply.ok();
     }
-}
-
-/// Takes a looked-up result out of its slot (`None` once taken, or for `.` and `..`).
-fn take(slot: &Mutex<Looked>) -> Looked {
-    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
-}
-
-/// Whether a second thread can run beside a request's own on this machine.
-pub(super) fn helper_threads_useful() -> bool {
-    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }

@@ -14,15 +14,11 @@ use std::time::Duration;
 use fuser::{Generation, ReplyDirectoryPlus};
 use rustix::fs::FileType;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::fuse::{OverlayFs, file_attr};
-use crate::ovl::Entry;
 use crate::ovl::inode::Node;
 use crate::ovl::readdir::{DirEntry, is_dot_or_dotdot};
 use crate::sys;
-
-/// A lookup's result, or `None` for `.` and `..` (which are not looked up).
-type Looked = Option<Result<Entry>>;
 
 impl OverlayFs {
     /// Answers READDIRPLUS of `dir` with `entries` (the rest of its listing from the
@@ -35,34 +31,26 @@ impl OverlayFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let ovl = &*self.ovl;
-        let lookup = |e: &DirEntry| -> Looked {
-            (!is_dot_or_dotdot(&e.name)).then(|| ovl.lookup(dir, &e.name))
-        };
-        // Adds entry `i`; true when the reply is full (the entry not added and released).
-        let mut add = |i: usize, looked: Looked| -> bool {
-            let e = &entries[i];
-            let (entry, ttl) = match looked {
+        for (i, e) in entries.iter().enumerate() {
+            if is_dot_or_dotdot(&e.name) {
                 // Not counted as lookups by the kernel, and their attributes are ignored
                 // (fuse_direntplus_link): only the number and type matter.
-                None => {
-                    let mut st = sys::fs::zeroed_stat();
-                    st.st_ino = e.ino.0;
-                    st.st_mode = FileType::Directory.as_raw_mode();
-                    let attr = file_attr(&st, &ovl.cfg.ids);
-                    return reply.add(
-                        attr.ino,
-                        offset_after(i),
-                        &e.name,
-                        &self.ttl,
-                        &attr,
-                        Generation(0),
-                    );
+                let mut st = sys::fs::zeroed_stat();
+                st.st_ino = e.ino.0;
+                st.st_mode = FileType::Directory.as_raw_mode();
+                let attr = file_attr(&st, &ovl.cfg.ids);
+                let next = offset_after(i);
+                if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, Generation(0)) {
+                    break;
                 }
-                Some(Ok(entry)) => (entry, self.ttl),
+                continue;
+            }
+            let (entry, ttl) = match ovl.lookup(dir, &e.name) {
+                Ok(entry) => (entry, self.ttl),
                 // Vanished since the listing was made, or not to be looked up (a refused
                 // redirect): still listed, like the kernel's cached listing, as an inode that
                 // is not cached, so that the next lookup reports what is wrong.
-                Some(Err(err)) => {
+                Err(err) => {
                     if !matches!(err, Error::NotFound) {
                         Self::fail("readdirplus lookup", &err);
                     }
@@ -71,15 +59,9 @@ impl OverlayFs {
             };
             let attr = file_attr(&entry.stat, &ovl.cfg.ids);
             let generation = Generation(entry.node.generation);
-            let full = reply.add(attr.ino, offset_after(i), &e.name, &ttl, &attr, generation);
-            if full {
+            if reply.add(attr.ino, offset_after(i), &e.name, &ttl, &attr, generation) {
                 // Not sent: the kernel will not count this lookup.
                 ovl.forget(entry.node.ino, 1);
-            }
-            full
-        };
-        for (i, e) in entries.iter().enumerate() {
-            if add(i, lookup(e)) {
                 break;
             }
         }

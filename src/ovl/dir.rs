@@ -167,15 +167,13 @@ impl Overlay {
             },
         }
         // A regular file created with `perm` (our umask is 0), not chowned since, in a
-        // directory known to have no default ACL, already has that mode (set-id bits aside:
-        // creation may drop them).
+        // directory known to have no default ACL (so none to write either), already has that
+        // mode (set-id bits aside: creation may drop them).
         let has_mode = owned_as_created
             && matches!(what, NewObject::File(_))
             && perm & (libc::S_ISUID | libc::S_ISGID) == 0
             && self.cfg.acl
-            && parent_default.is_none()
-            && acls.access.is_none()
-            && acls.default.is_none();
+            && parent_default.is_none();
         if !matches!(what, NewObject::Symlink(_)) && !has_mode {
             // chown may have cleared set-id bits; and the daemon's umask is 0, so this is the
             // mode the caller asked for.

@@ -359,7 +359,7 @@ impl InodeTable {
 /// fold spreads them well enough, at a fraction of SipHash's cost (no untrusted keys here:
 /// numbers come from the layers' filesystems, not from callers).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct BuildInoHasher;
+struct BuildInoHasher;
 
 impl std::hash::BuildHasher for BuildInoHasher {
     type Hasher = InoHasher;
@@ -370,7 +370,7 @@ impl std::hash::BuildHasher for BuildInoHasher {
 
 /// See [`BuildInoHasher`].
 #[derive(Debug)]
-pub struct InoHasher(u64);
+struct InoHasher(u64);
 
 impl std::hash::Hasher for InoHasher {
     fn finish(&self) -> u64 {

@@ -517,6 +517,51 @@ def fx_big_dir(s):
         s.file("u", f"big/n{i:05}", "")
 
 
+class ForegroundDaemon:
+    """stratafs run in the foreground (`-f`) on stack `s`, its log (RUST_LOG=`log_filter`) in
+    a file, for checks that read what the daemon says or measure the process itself."""
+
+    def __init__(self, binary, s, log_filter, extra_opts=""):
+        self.mnt, self.log_path = f"{s.top}/m", f"{s.top}/daemon.log"
+        opts = common.overlay_opts(s.lowers, "uw/u", "uw/w") + (f",{extra_opts}" if extra_opts else "")
+        with open(self.log_path, "w") as err:
+            self.proc = subprocess.Popen([binary, "-f", "-o", opts, self.mnt], cwd=s.top,
+                                         stderr=err, stdout=subprocess.DEVNULL,
+                                         env={**os.environ, "RUST_LOG": log_filter})
+        for _ in range(300):
+            if common.is_mounted(self.mnt) or self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+
+    def mounted(self):
+        if common.is_mounted(self.mnt):
+            return True
+        self.unmount()
+        return False
+
+    def cpu_ticks(self):
+        """User plus system CPU time of the daemon so far, in clock ticks."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return re.sub(r"\x1b\[[0-9;]*m", "", f.read())
+
+    def unmount(self):
+        """Unmounts (waiting for the daemon to log its exit), or kills it if it hangs."""
+        try:
+            if common.is_mounted(self.mnt):
+                subprocess.run(["umount", self.mnt], check=True)
+            self.proc.wait(timeout=30)
+        finally:
+            common.unmount(self.mnt)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def fx_lookup_counts(s):
     for i in range(3000):
         s.file(1, f"big/f{i:04}", "x" * (i % 13))
@@ -538,7 +583,7 @@ def check_lookup_counts(binary, s):
     (a node dropped too early fails here), caches dropped again and unmounted. The last drop
     is needed: at unmount the connection ends before the kernel evicts its inodes, so it
     sends no FORGETs then."""
-    mnt, log = f"{s.top}/m", f"{s.top}/daemon.log"
+    mnt = f"{s.top}/m"
     problems = []
 
     def sh(script):
@@ -551,17 +596,10 @@ def check_lookup_counts(binary, s):
     def names_sizes():
         return sorted(sh("ls -ln big | awk 'NR > 1 {print $NF, $5}'").splitlines())
 
-    opts = common.overlay_opts(s.lowers, "uw/u", "uw/w")
-    with open(log, "w") as err:
-        daemon = subprocess.Popen([binary, "-f", "-o", opts, mnt], cwd=s.top, stderr=err,
-                                  stdout=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "info"})
+    daemon = ForegroundDaemon(binary, s, "info")
+    if not daemon.mounted():
+        return [f"  not mounted: {daemon.log()[-500:]!r}"]
     try:
-        for _ in range(300):
-            if common.is_mounted(mnt) or daemon.poll() is not None:
-                break
-            time.sleep(0.1)
-        if not common.is_mounted(mnt):
-            return [f"  not mounted: {open(log).read()[-500:]!r}"]
         first = names_sizes()
         if len(first) != 3200:
             problems.append(f"  ls -l big: {len(first)} entries, want 3200")
@@ -577,20 +615,56 @@ def check_lookup_counts(binary, s):
         except OSError as e:
             problems.append(f"  stat after drop_caches: {e}")
         sh("sync; echo 2 > /proc/sys/vm/drop_caches")
-        subprocess.run(["umount", mnt], check=True)
-        daemon.wait(timeout=30)
     finally:
-        common.unmount(mnt)
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-    text = re.sub(r"\x1b\[[0-9;]*m", "", open(log).read())
-    nodes = re.findall(r"unmounted.*\bnodes=(\d+)", text)
+        daemon.unmount()
+    nodes = re.findall(r"unmounted.*\bnodes=(\d+)", daemon.log())
     if nodes != ["1"]:
         problems.append(f"  daemon at unmount: nodes={','.join(nodes) or 'not logged'} "
                         "(want 1: the root only)")
     return problems
 
+
+def check_busy_poll(binary, s):
+    """Busy polling (on by default with 2+ CPUs) turns on under a stream of requests and
+    off again once they stop, so an idle daemon uses no CPU; `busy_poll=0` never turns it
+    on. Two rounds of `ls -lR` (one request per entry at least: the kernel caches no
+    xattrs), each followed by a second of idleness in which the daemon may use at most
+    0.1 s of CPU (a polling reader would use a whole second), at the end of which the log
+    must say polling is off."""
+    problems = []
+    polls = (os.cpu_count() or 1) >= 2
+    for opts, want_polling in (("", polls), ("busy_poll=0", False)):
+        label = opts or "default"
+        daemon = ForegroundDaemon(binary, s, "info,stratafs::fuse::busy_poll=debug", opts)
+        if not daemon.mounted():
+            return [f"  {label}: not mounted: {daemon.log()[-500:]!r}"]
+        turned_on = 0
+        try:
+            for rnd in range(1, 3):
+                subprocess.run(["ls", "-lR", daemon.mnt], stdout=subprocess.DEVNULL, check=True,
+                               timeout=120)
+                time.sleep(0.3)
+                before = daemon.cpu_ticks()
+                time.sleep(1.0)
+                idle = (daemon.cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
+                if idle > 0.1:
+                    problems.append(f"  {label}, round {rnd}: idle daemon used {idle:.2f} s "
+                                    "of CPU in 1 s")
+                switches = re.findall(r"busy polling on=(true|false)", daemon.log())
+                if not want_polling:
+                    if switches:
+                        problems.append(f"  {label}: polling switched {switches[:4]} although "
+                                        "off")
+                    continue
+                alternate = all(a != b for a, b in zip(switches, switches[1:]))
+                if switches.count("true") <= turned_on or switches[-1:] != ["false"] \
+                        or not alternate:
+                    problems.append(f"  {label}, round {rnd}: switches so far {switches[-6:]} "
+                                    "(want on again during ls -lR, off after it)")
+                turned_on = switches.count("true")
+        finally:
+            daemon.unmount()
+    return problems
 
 def fx_readdir(s):
     for layer, n in ((2, 100), (1, 100), (0, 100)):
@@ -760,6 +834,7 @@ def scenarios():
         Scenario("xattrs", fx_xattrs, XATTR_SCRIPT),
         Scenario("big-dir-10k", fx_big_dir, "ls big | wc -l; ls -f big | sort | md5sum; $PROBE seek big"),
         Scenario("readdirplus-lookup-counts", fx_lookup_counts, check=check_lookup_counts),
+        Scenario("busy-poll-on-and-off", fx_lookup_counts, check=check_busy_poll),
         Scenario("readdir-seekdir", fx_readdir,
                  "for d in merged updir lowdir mixed .; do $PROBE seek $d; done", nlower=3),
         Scenario("readdir-interleaved-unlink", fx_readdir,

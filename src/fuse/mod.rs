@@ -1,6 +1,7 @@
 //! The FUSE adapter: `fuser::Filesystem` requests turned into [`Overlay`] calls, and core
 //! errors into errnos in exactly one place ([`OverlayFs::fail`]).
 
+pub mod busy_poll;
 mod killpriv;
 pub mod passthrough;
 mod readdirplus;
@@ -8,7 +9,7 @@ pub mod session;
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -21,6 +22,7 @@ use rustix::fs::{FileType, Stat};
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
+use crate::fuse::busy_poll::BusyPoll;
 use crate::fuse::killpriv::KillRequest;
 use crate::fuse::passthrough::{OpenMode, Passthrough, RealOpen};
 use crate::ovl::dir::{Caller, NewObject};
@@ -37,6 +39,8 @@ pub struct OverlayFs {
     ovl: Arc<Overlay>,
     ttl: Duration,
     passthrough: Passthrough,
+    /// Set once the session exists and busy polling is on (see [`BusyPoll`]).
+    busy_poll: Arc<OnceLock<Arc<BusyPoll>>>,
 }
 
 impl OverlayFs {
@@ -48,6 +52,22 @@ impl OverlayFs {
             ovl,
             ttl,
             passthrough,
+            busy_poll: Arc::default(),
+        }
+    }
+
+    /// Where the session puts its [`BusyPoll`] once it has an fd to poll.
+    pub fn busy_poll_slot(&self) -> Arc<OnceLock<Arc<BusyPoll>>> {
+        self.busy_poll.clone()
+    }
+
+    /// Counts a request for busy polling; every handler of a metadata request calls it
+    /// first. Data requests (read, write, fsync, ...) do not count: they come only where
+    /// passthrough is off, wait for the disk or move large buffers more often than not, and
+    /// polling made rootless random 4 KiB reads 17% slower.
+    fn request(&self) {
+        if let Some(poll) = self.busy_poll.get() {
+            poll.request();
         }
     }
 
@@ -228,16 +248,19 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.request();
         debug!(op = "lookup", parent = parent.0, ?name);
         let res = self.node(parent).and_then(|p| self.ovl.lookup(&p, name));
         self.entry_reply(reply, res, "lookup");
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.request();
         self.ovl.forget(Ino(ino.0), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.request();
         debug!(op = "getattr", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.getattr(&n)) {
             Ok(st) => reply.attr(&self.ttl, &file_attr(&st, &self.ovl.cfg.ids)),
@@ -263,6 +286,7 @@ impl Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.request();
         debug!(op = "setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size);
         if size.is_some() && self.passthrough.data_pinned(ino.0) {
             // Readers see the lower file through passthrough: it must not change under them.
@@ -300,6 +324,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.request();
         debug!(op = "readlink", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.readlink(&n)) {
             Ok(target) => reply.data(&target),
@@ -317,6 +342,7 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.request();
         debug!(op = "mknod", parent = parent.0, ?name, mode);
         let res = self.node(parent).and_then(|p| {
             self.ovl
@@ -341,6 +367,7 @@ impl Filesystem for OverlayFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.request();
         debug!(op = "mkdir", parent = parent.0, ?name, mode);
         let res = self.node(parent).and_then(|p| {
             self.ovl
@@ -357,6 +384,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.request();
         debug!(op = "unlink", parent = parent.0, ?name);
         match self.node(parent).and_then(|p| self.ovl.unlink(&p, name)) {
             Ok(()) => reply.ok(),
@@ -365,6 +393,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.request();
         debug!(op = "rmdir", parent = parent.0, ?name);
         match self.node(parent).and_then(|p| self.ovl.rmdir(&p, name)) {
             Ok(()) => reply.ok(),
@@ -380,6 +409,7 @@ impl Filesystem for OverlayFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        self.request();
         debug!(op = "symlink", parent = parent.0, ?link_name, ?target);
         let res = self.node(parent).and_then(|p| {
             self.ovl
@@ -405,6 +435,7 @@ impl Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.request();
         debug!(
             op = "rename",
             parent = parent.0,
@@ -430,6 +461,7 @@ impl Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.request();
         debug!(op = "link", ino = ino.0, newparent = newparent.0, ?newname);
         let res = self.node(ino).and_then(|n| {
             let np = self.node(newparent)?;
@@ -439,6 +471,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.request();
         debug!(op = "open", ino = ino.0, flags = flags.0);
         let res = self.node(ino).and_then(|n| {
             let fh = self.ovl.open(&n, flags.0)?;
@@ -520,6 +553,7 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.request();
         self.passthrough.release(fh.0);
         self.ovl.release(fh.0);
         reply.ok();
@@ -540,6 +574,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.request();
         debug!(op = "opendir", ino = ino.0);
         // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
         // directory walked) and caches every listing (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
@@ -560,6 +595,7 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.request();
         debug!(op = "readdir", ino = ino.0, offset);
         match self.node(ino).and_then(|d| self.ovl.readdir(&d, offset)) {
             Ok(listing) => {
@@ -583,6 +619,7 @@ impl Filesystem for OverlayFs {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
+        self.request();
         debug!(op = "readdirplus", ino = ino.0, offset);
         let (dir, listing) = match self
             .node(ino)
@@ -608,6 +645,7 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.request();
         match self.node(ino).and_then(|n| self.ovl.fsyncdir(&n, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("fsyncdir", &e)),
@@ -615,6 +653,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.request();
         match self.ovl.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -640,6 +679,7 @@ impl Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.request();
         debug!(op = "setxattr", ino = ino.0, ?name);
         match self
             .node(ino)
@@ -651,6 +691,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.request();
         debug!(op = "getxattr", ino = ino.0, ?name);
         match self.node(ino).and_then(|n| self.ovl.getxattr(&n, name)) {
             Ok(v) => xattr_reply(reply, &v, size),
@@ -659,6 +700,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.request();
         debug!(op = "listxattr", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.listxattr(&n)) {
             Ok(v) => xattr_reply(reply, &v, size),
@@ -667,6 +709,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.request();
         debug!(op = "removexattr", ino = ino.0, ?name);
         match self.node(ino).and_then(|n| self.ovl.removexattr(&n, name)) {
             Ok(()) => reply.ok(),
@@ -675,6 +718,7 @@ impl Filesystem for OverlayFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.request();
         // Only reached without default_permissions; the kernel checks mode bits otherwise.
         let res = self.node(ino).and_then(|_| {
             if mask.contains(AccessFlags::W_OK) {
@@ -699,6 +743,7 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.request();
         debug!(op = "create", parent = parent.0, ?name, mode, flags);
         let res = self.node(parent).and_then(|p| {
             let oflags = create_access(flags);

@@ -19,9 +19,9 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use fuser::BackingId;
 use tracing::{debug, info};
@@ -71,10 +71,18 @@ pub enum OpenMode {
     Busy,
 }
 
+/// How long a write waits for the pinning readers to go before it is refused. The kernel
+/// sends RELEASE in the background after `close()` returns, and another thread may still be
+/// handling it, so a program that closes a reader and then opens the file for writing
+/// would otherwise see ETXTBSY now and then.
+const RELEASE_GRACE: Duration = Duration::from_millis(200);
+
 /// The passthrough bookkeeping of a mount.
 pub struct Passthrough {
     enabled: AtomicBool,
     state: Mutex<State>,
+    /// Notified on every release (see [`RELEASE_GRACE`]).
+    released: Condvar,
 }
 
 #[derive(Default)]
@@ -89,6 +97,7 @@ impl Passthrough {
         Passthrough {
             enabled: AtomicBool::new(enabled),
             state: Mutex::new(State::default()),
+            released: Condvar::new(),
         }
     }
 
@@ -112,7 +121,8 @@ impl Passthrough {
         open: RealOpen<'_>,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> OpenMode {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let refused = |b: &Backing| b.lower != open.lower && (open.write || !b.lower);
+        let mut st = self.wait_for_release(ino, refused);
         let (mode, out) = self.decide(&mut st, ino, open, register);
         if let Some(mode) = mode {
             st.handles.insert(fh, (ino, mode));
@@ -122,11 +132,30 @@ impl Passthrough {
 
     /// Whether the data of inode `ino` must not change now (see the module comment).
     pub fn data_pinned(&self, ino: u64) -> bool {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.inodes
-            .get(&ino)
-            .and_then(|io| io.backing.as_ref())
-            .is_some_and(|b| b.lower)
+        let st = self.wait_for_release(ino, |b| b.lower);
+        backing_of(&st, ino).is_some_and(|b| b.lower)
+    }
+
+    /// The state, once the backing of `ino` no longer satisfies `blocks`, or after
+    /// [`RELEASE_GRACE`] (the caller then refuses).
+    fn wait_for_release(
+        &self,
+        ino: u64,
+        blocks: impl Fn(&Backing) -> bool,
+    ) -> MutexGuard<'_, State> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + RELEASE_GRACE;
+        while backing_of(&st, ino).is_some_and(&blocks) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = match self.released.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        st
     }
 
     fn decide(
@@ -202,5 +231,10 @@ impl Passthrough {
         if io.backing.is_none() && io.cached_opens == 0 {
             st.inodes.remove(&ino);
         }
+        self.released.notify_all();
     }
+}
+
+fn backing_of(st: &State, ino: u64) -> Option<&Backing> {
+    st.inodes.get(&ino).and_then(|io| io.backing.as_ref())
 }

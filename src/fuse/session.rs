@@ -4,14 +4,16 @@
 //! The parent process exits only once the mount is live (or failed), which is what
 //! containers-storage and podman rely on when they run a mount program.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{MountOption, SessionACL};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::error::SetupError;
 use crate::fuse::OverlayFs;
+use crate::fuse::busy_poll::BusyPoll;
 use crate::ovl::Overlay;
 use crate::ovl::layer::Layers;
 use crate::ovl::params::Config;
@@ -76,6 +78,23 @@ pub fn run(req: MountRequest) -> Result<(), SetupError> {
     }
 }
 
+/// Starts busy polling of the session's own fd (read by one of its threads; the others read
+/// cloned fds), unless it is turned off or there is a single CPU, where a polling reader
+/// would only take turns with the request's caller.
+fn start_busy_poll(cfg: &Config, session: &fuser::Session<OverlayFs>) -> Option<Arc<BusyPoll>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cfg.busy_poll.is_zero() || cpus < 2 {
+        return None;
+    }
+    match BusyPoll::start(session.as_fd(), cfg.busy_poll) {
+        Ok(poll) => Some(poll),
+        Err(e) => {
+            warn!(error = %e, "busy polling unavailable");
+            None
+        }
+    }
+}
+
 /// Mounts, reports success through `status`, serves until unmounted.
 fn serve(
     req: MountRequest,
@@ -103,10 +122,16 @@ fn serve(
     if let Err(e) = sys::process::block_signals(&signals) {
         return Err((mount_err(e), status));
     }
-    let mut session = match fuser::Session::new(OverlayFs::new(ovl.clone()), mountpoint, &config) {
+    let fs = OverlayFs::new(ovl.clone());
+    let busy_poll_slot = fs.busy_poll_slot();
+    let mut session = match fuser::Session::new(fs, mountpoint, &config) {
         Ok(s) => s,
         Err(e) => return Err((mount_err(e), status)),
     };
+    let busy_poll = start_busy_poll(&req.cfg, &session);
+    if let Some(poll) = &busy_poll {
+        let _ = busy_poll_slot.set(poll.clone());
+    }
     let notifier = session.notifier();
     ovl.set_attr_invalidator(Box::new(move |ino| {
         // A negative offset drops only the cached attributes, not the page cache.
@@ -134,6 +159,9 @@ fn serve(
     }
     if let Err(e) = session.run() {
         error!(error = %e, "session ended with an error");
+    }
+    if let Some(poll) = busy_poll {
+        poll.stop();
     }
     info!(nodes = ovl.inodes.len(), "unmounted");
     Ok(())

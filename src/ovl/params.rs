@@ -17,6 +17,13 @@ pub const MAX_LOWER_LAYERS: usize = 500;
 /// us, so the kernel may cache for as long as it likes.
 const DEFAULT_TIMEOUT_SECS: f64 = 1_000_000_000.0;
 
+/// Default `busy_poll=` window (µs): long enough to bridge the gaps of a program walking a
+/// tree, short enough that polling stops soon after it.
+const DEFAULT_BUSY_POLL_MICROS: u64 = 1000;
+
+/// Largest `busy_poll=` window (µs); longer ones only burn CPU.
+const MAX_BUSY_POLL_MICROS: u64 = 1_000_000;
+
 /// Everything `-o` can say, after validation.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -28,6 +35,9 @@ pub struct Config {
     pub workdir: Option<PathBuf>,
     /// Kernel entry and attribute cache lifetime (`timeout=`).
     pub timeout: Duration,
+    /// How long one reader keeps polling `/dev/fuse` without sleeping after the last
+    /// request (`busy_poll=MICROS`; zero turns it off): see [`crate::fuse::busy_poll`].
+    pub busy_poll: Duration,
     /// Report `st_nlink = 1` for every directory (`static_nlink`).
     pub static_nlink: bool,
     /// Turn extended attributes off (`noxattrs=1`).
@@ -133,6 +143,7 @@ impl Default for Config {
             upperdir: None,
             workdir: None,
             timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
+            busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_MICROS),
             static_nlink: false,
             noxattrs: false,
             fsync: true,
@@ -236,6 +247,16 @@ impl Config {
                     return Err(bad("expected a non-negative number of seconds"));
                 }
                 self.timeout = Duration::from_secs_f64(secs.min(DEFAULT_TIMEOUT_SECS));
+            }
+            "busy_poll" => {
+                let micros: u64 = value
+                    .ok_or_else(|| bad("needs a number of microseconds"))?
+                    .parse()
+                    .map_err(|_| bad("expected a number of microseconds"))?;
+                if micros > MAX_BUSY_POLL_MICROS {
+                    return Err(bad("at most 1000000 microseconds"));
+                }
+                self.busy_poll = Duration::from_micros(micros);
             }
             "static_nlink" => self.static_nlink = flag(value)?,
             "noxattrs" => self.noxattrs = flag(value)?,
@@ -487,6 +508,26 @@ mod tests {
             Config::parse(&["lowerdir=/l,timeout=-1"]),
             Err(SetupError::BadOption { .. })
         ));
+        for bad in [
+            "busy_poll",
+            "busy_poll=-1",
+            "busy_poll=1.5",
+            "busy_poll=1000001",
+        ] {
+            assert!(
+                matches!(
+                    Config::parse(&[format!("lowerdir=/l,{bad}")]),
+                    Err(SetupError::BadOption { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Config::parse(&["lowerdir=/l,busy_poll=0"])
+                .unwrap()
+                .busy_poll,
+            Duration::ZERO
+        );
         let many = (0..501)
             .map(|i| format!("/l{i}"))
             .collect::<Vec<_>>()

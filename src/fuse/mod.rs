@@ -5,6 +5,7 @@ pub mod busy_poll;
 mod killpriv;
 pub mod passthrough;
 mod readdirplus;
+mod reader_cpus;
 pub mod session;
 
 use std::ffi::OsStr;
@@ -66,9 +67,9 @@ impl OverlayFs {
     /// the daemon only where passthrough is off, such requests wait for the disk or move
     /// large buffers more often than not, and polling made rootless random 4 KiB reads 17%
     /// slower.
-    fn request(&self) {
+    fn request(&self, req: &Request) {
         if let Some(poll) = self.busy_poll.get() {
-            poll.request();
+            poll.request(req.pid());
         }
     }
 
@@ -248,20 +249,20 @@ impl Filesystem for OverlayFs {
         std::process::exit(0);
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.request();
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.request(req);
         debug!(op = "lookup", parent = parent.0, ?name);
         let res = self.node(parent).and_then(|p| self.ovl.lookup(&p, name));
         self.entry_reply(reply, res, "lookup");
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.request();
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
+        self.request(req);
         self.ovl.forget(Ino(ino.0), nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.request();
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.request(req);
         debug!(op = "getattr", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.getattr(&n)) {
             Ok(st) => reply.attr(&self.ttl, &file_attr(&st, &self.ovl.cfg.ids)),
@@ -287,7 +288,7 @@ impl Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "setattr", ino = ino.0, ?mode, ?uid, ?gid, ?size);
         if size.is_some() && self.passthrough.data_pinned(ino.0) {
             // Readers see the lower file through passthrough: it must not change under them.
@@ -324,8 +325,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.request();
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.request(req);
         debug!(op = "readlink", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.readlink(&n)) {
             Ok(target) => reply.data(&target),
@@ -343,7 +344,7 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "mknod", parent = parent.0, ?name, mode);
         let res = self.node(parent).and_then(|p| {
             self.ovl
@@ -368,7 +369,7 @@ impl Filesystem for OverlayFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "mkdir", parent = parent.0, ?name, mode);
         let res = self.node(parent).and_then(|p| {
             self.ovl
@@ -384,8 +385,8 @@ impl Filesystem for OverlayFs {
         self.entry_reply(reply, res, "mkdir");
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.request();
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.request(req);
         debug!(op = "unlink", parent = parent.0, ?name);
         match self.node(parent).and_then(|p| self.ovl.unlink(&p, name)) {
             Ok(()) => reply.ok(),
@@ -393,8 +394,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.request();
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.request(req);
         debug!(op = "rmdir", parent = parent.0, ?name);
         match self.node(parent).and_then(|p| self.ovl.rmdir(&p, name)) {
             Ok(()) => reply.ok(),
@@ -410,7 +411,7 @@ impl Filesystem for OverlayFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "symlink", parent = parent.0, ?link_name, ?target);
         let res = self.node(parent).and_then(|p| {
             self.ovl
@@ -428,7 +429,7 @@ impl Filesystem for OverlayFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -436,7 +437,7 @@ impl Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.request();
+        self.request(req);
         debug!(
             op = "rename",
             parent = parent.0,
@@ -456,13 +457,13 @@ impl Filesystem for OverlayFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "link", ino = ino.0, newparent = newparent.0, ?newname);
         let res = self.node(ino).and_then(|n| {
             let np = self.node(newparent)?;
@@ -471,8 +472,8 @@ impl Filesystem for OverlayFs {
         self.entry_reply(reply, res, "link");
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.request();
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.request(req);
         debug!(op = "open", ino = ino.0, flags = flags.0);
         let res = self.node(ino).and_then(|n| {
             let fh = self.ovl.open(&n, flags.0)?;
@@ -546,7 +547,7 @@ impl Filesystem for OverlayFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -554,7 +555,7 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.request();
+        self.request(req);
         self.passthrough.release(fh.0);
         self.ovl.release(fh.0);
         reply.ok();
@@ -574,8 +575,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.request();
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.request(req);
         debug!(op = "opendir", ino = ino.0);
         // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round trips per
         // directory walked) and caches every listing (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE),
@@ -590,13 +591,13 @@ impl Filesystem for OverlayFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "readdir", ino = ino.0, offset);
         match self.node(ino).and_then(|d| self.ovl.readdir(&d, offset)) {
             Ok(listing) => {
@@ -614,13 +615,13 @@ impl Filesystem for OverlayFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "readdirplus", ino = ino.0, offset);
         let (dir, listing) = match self
             .node(ino)
@@ -640,21 +641,21 @@ impl Filesystem for OverlayFs {
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.request();
+        self.request(req);
         match self.node(ino).and_then(|n| self.ovl.fsyncdir(&n, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("fsyncdir", &e)),
         }
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.request();
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.request(req);
         match self.ovl.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -672,7 +673,7 @@ impl Filesystem for OverlayFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -680,7 +681,7 @@ impl Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "setxattr", ino = ino.0, ?name);
         match self
             .node(ino)
@@ -691,8 +692,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.request();
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.request(req);
         debug!(op = "getxattr", ino = ino.0, ?name);
         match self.node(ino).and_then(|n| self.ovl.getxattr(&n, name)) {
             Ok(v) => xattr_reply(reply, &v, size),
@@ -700,8 +701,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.request();
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.request(req);
         debug!(op = "listxattr", ino = ino.0);
         match self.node(ino).and_then(|n| self.ovl.listxattr(&n)) {
             Ok(v) => xattr_reply(reply, &v, size),
@@ -709,8 +710,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.request();
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.request(req);
         debug!(op = "removexattr", ino = ino.0, ?name);
         match self.node(ino).and_then(|n| self.ovl.removexattr(&n, name)) {
             Ok(()) => reply.ok(),
@@ -718,8 +719,8 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        self.request();
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.request(req);
         // Only reached without default_permissions; the kernel checks mode bits otherwise.
         let res = self.node(ino).and_then(|_| {
             if mask.contains(AccessFlags::W_OK) {
@@ -744,7 +745,7 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.request();
+        self.request(req);
         debug!(op = "create", parent = parent.0, ?name, mode, flags);
         let res = self.node(parent).and_then(|p| {
             let oflags = create_access(flags);

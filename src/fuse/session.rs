@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::error::SetupError;
 use crate::fuse::OverlayFs;
-use crate::fuse::busy_poll::BusyPoll;
+use crate::fuse::busy_poll::{BusyPoll, Readers};
 use crate::ovl::Overlay;
 use crate::ovl::layer::Layers;
 use crate::ovl::params::Config;
@@ -78,15 +78,23 @@ pub fn run(req: MountRequest) -> Result<(), SetupError> {
     }
 }
 
-/// Starts busy polling of the session's own fd (read by one of its threads; the others read
-/// cloned fds), unless it is turned off or there is a single CPU, where a polling reader
-/// would only take turns with the request's caller.
-fn start_busy_poll(cfg: &Config, session: &fuser::Session<OverlayFs>) -> Option<Arc<BusyPoll>> {
+/// Starts busy polling of the session's own fd (read by the last of its `threads` readers;
+/// the others read cloned fds), unless it is turned off or there is a single CPU, where a
+/// polling reader would only take turns with the request's caller.
+fn start_busy_poll(
+    cfg: &Config,
+    session: &fuser::Session<OverlayFs>,
+    threads: usize,
+) -> Option<Arc<BusyPoll>> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cfg.busy_poll.is_zero() || cpus < 2 {
         return None;
     }
-    match BusyPoll::start(session.as_fd(), cfg.busy_poll) {
+    let readers = Readers {
+        poller_name: format!("fuser-{}", threads.saturating_sub(1)),
+        count: threads,
+    };
+    match BusyPoll::start(session.as_fd(), cfg.busy_poll, Some(readers)) {
         Ok(poll) => Some(poll),
         Err(e) => {
             warn!(error = %e, "busy polling unavailable");
@@ -128,7 +136,7 @@ fn serve(
         Ok(s) => s,
         Err(e) => return Err((mount_err(e), status)),
     };
-    let busy_poll = start_busy_poll(&req.cfg, &session);
+    let busy_poll = start_busy_poll(&req.cfg, &session, config.n_threads.unwrap_or(1));
     if let Some(poll) = &busy_poll {
         let _ = busy_poll_slot.set(poll.clone());
     }

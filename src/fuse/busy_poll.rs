@@ -43,7 +43,7 @@ use std::time::Duration;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tracing::{debug, warn};
 
-use crate::fuse::reader_cpus::{self, ReaderCpus};
+use crate::fuse::reader_cpus::ReaderCpus;
 
 /// Which threads read the session: fuser names them `fuser-0` to `fuser-{count - 1}`, and
 /// the last one reads the session's own fd (the polled one).
@@ -179,7 +179,7 @@ impl BusyPoll {
     fn watch_until_quiet(&self, mut cpus: Option<&mut ReaderCpus>) -> MutexGuard<'_, State> {
         loop {
             if let Some(cpus) = cpus.as_deref_mut() {
-                cpus.keep_apart(caller_cpu(self.caller.load(Ordering::Relaxed)));
+                cpus.keep_apart(self.caller.load(Ordering::Relaxed));
             }
             let seen = self.requests.load(Ordering::Relaxed);
             std::thread::sleep(self.window);
@@ -212,14 +212,6 @@ impl BusyPoll {
             }
         }
     }
-}
-
-/// The CPU process (thread) `pid` last ran on; None for 0 (not known).
-fn caller_cpu(pid: u32) -> Option<usize> {
-    if pid == 0 {
-        return None;
-    }
-    reader_cpus::last_cpu(&format!("/proc/{pid}/stat"))
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ pub struct ReaderCpus {
     poller: Pid,
     others: Vec<Pid>,
     allowed: CpuSet,
-    /// Where the readers are now.
-    placement: Placement,
+    /// The poller's CPU while the readers are pinned apart; None while they are not pinned.
+    pinned: Option<usize>,
 }
 
 impl ReaderCpus {
@@ -51,17 +51,20 @@ impl ReaderCpus {
             poller,
             others,
             allowed,
-            placement: Placement::Free,
+            pinned: None,
         })
     }
 
-    /// Pins the poller to a CPU other than `avoid` (the caller's; the poller's own current
-    /// one if it can), the other readers to the rest; nothing if already so.
-    pub fn keep_apart(&mut self, avoid: Option<usize>) {
-        if let Placement::Apart(cpu) = self.placement {
-            if Some(cpu) != avoid {
-                return;
-            }
+    /// Pins the poller to a CPU other than the one process (thread) `caller` last ran on (0:
+    /// not known; the poller's own current CPU if it can), the other readers to the rest;
+    /// nothing if already so.
+    pub fn keep_apart(&mut self, caller: u32) {
+        let avoid = match caller {
+            0 => None,
+            pid => last_cpu(&format!("/proc/{pid}/stat")),
+        };
+        if self.pinned.is_some() && self.pinned != avoid {
+            return;
         }
         let current = last_cpu(&format!("/proc/self/task/{}/stat", self.poller));
         let Some(cpu) = choose_cpu(&self.allowed, avoid, current) else {
@@ -72,15 +75,14 @@ impl ReaderCpus {
         let mut rest = self.allowed;
         rest.unset(cpu);
         self.place(&alone, &rest);
-        self.placement = Placement::Apart(cpu);
+        self.pinned = Some(cpu);
         debug!(cpu, ?avoid, "polling reader apart");
     }
 
     /// Gives every reader its former CPUs back.
     pub fn rejoin(&mut self) {
-        if self.placement != Placement::Free {
+        if self.pinned.take().is_some() {
             self.place(&self.allowed, &self.allowed);
-            self.placement = Placement::Free;
         }
     }
 
@@ -103,17 +105,8 @@ fn choose_cpu(allowed: &CpuSet, avoid: Option<usize>, current: Option<usize>) ->
         .or_else(|| (0..CpuSet::MAX_CPU).find(usable))
 }
 
-/// Where the readers are pinned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Placement {
-    /// On the CPUs they had (not pinned).
-    Free,
-    /// The poller alone on this CPU, the others on the rest.
-    Apart(usize),
-}
-
 /// The CPU a thread last ran on: field 39 of its `stat` file at `path`.
-pub(crate) fn last_cpu(path: &str) -> Option<usize> {
+fn last_cpu(path: &str) -> Option<usize> {
     let stat = std::fs::read_to_string(path).ok()?;
     // The name (field 2) may hold spaces and parentheses: count from the last ')'.
     let after_name = &stat[stat.rfind(')')? + 1..];
@@ -172,8 +165,8 @@ mod tests {
         );
         let mut readers = ReaderCpus::find("fuser-1", 2).expect("both readers found");
         assert!(tids.contains(&readers.poller) && readers.others.len() == 1);
-        readers.keep_apart(None);
-        assert!(matches!(readers.placement, Placement::Apart(_)));
+        readers.keep_apart(0);
+        assert!(readers.pinned.is_some());
         let poller = sched_getaffinity(Some(readers.poller)).unwrap();
         let other = sched_getaffinity(Some(readers.others[0])).unwrap();
         assert_eq!(poller.count(), 1, "the poller has one CPU");

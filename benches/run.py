@@ -1099,7 +1099,37 @@ def machine_facts(bench_dir):
     return {"hostname": socket.gethostname(), "kernel": os.uname().release,
             "cpu": cpu, "cpus": os.cpu_count(), "mem_gib": round(int(mem) / 1024 / 1024, 1),
             "bench_fs": cmd(f"findmnt -no FSTYPE,SOURCE,OPTIONS -T {bench_dir}"),
-            "fio": cmd("fio --version"), "python": sys.version.split()[0]}
+            "fio": cmd("fio --version"), "python": sys.version.split()[0],
+            "reclaim": proactive_reclaim()}
+
+
+def proactive_reclaim():
+    """DAMON schemes running on the machine, e.g. `pageout` of pages unused for a minute: they
+    evict page cache (FUSE's cached directory listings too) in the middle of a run, so a
+    "warm" walk may have to read some directories again. Recorded with the results."""
+    root = "/sys/kernel/mm/damon/admin/kdamonds"
+    found = []
+    try:
+        for k in sorted(os.listdir(root)):
+            kd = os.path.join(root, k)
+            if not k.isdigit() or read_text(os.path.join(kd, "state")) != "on":
+                continue
+            ctx = os.path.join(kd, "contexts")
+            for c in sorted(x for x in os.listdir(ctx) if x.isdigit()):
+                sch = os.path.join(ctx, c, "schemes")
+                for n in sorted(x for x in os.listdir(sch) if x.isdigit()):
+                    found.append(read_text(os.path.join(sch, n, "action")))
+    except OSError:
+        pass
+    return f"DAMON {', '.join(found)}" if found else "none"
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def wait_for_quiet(threshold, max_wait):
@@ -1303,6 +1333,7 @@ def main():
           f"- kernel: `{facts['kernel']}`",
           f"- CPU: {facts['cpu']} × {facts['cpus']}",
           f"- memory: {facts['mem_gib']} GiB",
+          f"- proactive reclaim: {facts.get('reclaim', '?')}",
           f"- bench dir fs: `{facts['bench_fs']}` ({BENCH_ROOT})",
           f"- fio: {facts['fio']}, Python {facts['python']}",
           f"- load average at start: {load0:.2f} (waited {waited} s for it)"

@@ -601,9 +601,9 @@ impl Filesystem for OverlayFs {
         debug!(op = "readdir", ino = ino.0, offset);
         match self.node(ino).and_then(|d| self.ovl.readdir(&d, offset)) {
             Ok(listing) => {
-                for (i, e) in listing.entries.iter().enumerate().skip(listing.start) {
+                for (i, e) in listing.entries.iter_from(listing.start) {
                     let kind = fuse_file_type(e.file_type);
-                    if reply.add(INodeNo(e.ino.0), listing.offset_after(i), kind, &e.name) {
+                    if reply.add(INodeNo(e.ino.0), listing.offset_after(i), kind, e.name) {
                         break;
                     }
                 }
@@ -630,13 +630,7 @@ impl Filesystem for OverlayFs {
             Ok(v) => v,
             Err(e) => return reply.error(Self::fail("readdirplus", &e)),
         };
-        let rest = listing.entries.get(listing.start..).unwrap_or_default();
-        self.reply_readdirplus(
-            &dir,
-            rest,
-            |i| listing.offset_after(listing.start + i),
-            reply,
-        );
+        self.reply_readdirplus(&dir, &listing, reply);
     }
 
     fn fsyncdir(

@@ -17,35 +17,33 @@ use rustix::fs::FileType;
 use crate::error::Error;
 use crate::fuse::{OverlayFs, file_attr};
 use crate::ovl::inode::Node;
-use crate::ovl::readdir::{DirEntry, is_dot_or_dotdot};
+use crate::ovl::readdir::{ListingRead, is_dot_or_dotdot};
 use crate::sys;
 
 impl OverlayFs {
-    /// Answers READDIRPLUS of `dir` with `entries` (the rest of its listing from the
-    /// requested offset), `offset_after(i)` naming the position after `entries[i]`.
+    /// Answers READDIRPLUS of `dir` with the rest of `listing` from the requested offset.
     pub(super) fn reply_readdirplus(
         &self,
         dir: &Arc<Node>,
-        entries: &[DirEntry],
-        offset_after: impl Fn(usize) -> u64,
+        listing: &ListingRead,
         mut reply: ReplyDirectoryPlus,
     ) {
         let ovl = &*self.ovl;
-        for (i, e) in entries.iter().enumerate() {
-            if is_dot_or_dotdot(&e.name) {
+        for (i, e) in listing.entries.iter_from(listing.start) {
+            if is_dot_or_dotdot(e.name) {
                 // Not counted as lookups by the kernel, and their attributes are ignored
                 // (fuse_direntplus_link): only the number and type matter.
                 let mut st = sys::fs::zeroed_stat();
                 st.st_ino = e.ino.0;
                 st.st_mode = FileType::Directory.as_raw_mode();
                 let attr = file_attr(&st, &ovl.cfg.ids);
-                let next = offset_after(i);
-                if reply.add(attr.ino, next, &e.name, &self.ttl, &attr, Generation(0)) {
+                let next = listing.offset_after(i);
+                if reply.add(attr.ino, next, e.name, &self.ttl, &attr, Generation(0)) {
                     break;
                 }
                 continue;
             }
-            let (entry, ttl) = match ovl.lookup(dir, &e.name) {
+            let (entry, ttl) = match ovl.lookup(dir, e.name) {
                 Ok(entry) => (entry, self.ttl),
                 // Vanished since the listing was made, or not to be looked up (a refused
                 // redirect): still listed, like the kernel's cached listing, as an inode that
@@ -59,7 +57,14 @@ impl OverlayFs {
             };
             let attr = file_attr(&entry.stat, &ovl.cfg.ids);
             let generation = Generation(entry.node.generation);
-            if reply.add(attr.ino, offset_after(i), &e.name, &ttl, &attr, generation) {
+            if reply.add(
+                attr.ino,
+                listing.offset_after(i),
+                e.name,
+                &ttl,
+                &attr,
+                generation,
+            ) {
                 // Not sent: the kernel will not count this lookup.
                 ovl.forget(entry.node.ino, 1);
                 break;

@@ -45,6 +45,7 @@ pub fn run(req: MountRequest) -> Result<(), SetupError> {
             source,
         })?;
     let nofile = sys::process::raise_nofile_limit();
+    sys::process::tune_malloc();
     let layer_fds = req.cfg.lowerdirs.len() as u64 + 8;
     let fd_budget = (nofile.saturating_sub(layer_fds) / 4).clamp(64, 16384) as usize;
 

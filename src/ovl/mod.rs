@@ -14,6 +14,7 @@ pub mod idmap;
 pub mod index;
 pub mod inode;
 pub mod layer;
+pub mod listing;
 pub mod namei;
 pub mod names;
 pub mod override_stat;

@@ -19,16 +19,7 @@ use crate::ovl::inode::{Ino, Node, NodeState};
 use crate::ovl::{Entry, Overlay, vfs, whiteout};
 use crate::sys;
 
-/// One entry of a merged listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    /// The name.
-    pub name: OsString,
-    /// `d_ino`: the same number `stat` reports for the entry.
-    pub ino: Ino,
-    /// `d_type`.
-    pub file_type: FileType,
-}
+pub use crate::ovl::listing::{DirEntry, Listing};
 
 /// Listings being read, by directory inode and generation.
 ///
@@ -50,7 +41,7 @@ pub struct Listings {
 }
 
 /// Listings by (directory, generation).
-type ListingCache = LruCache<(Ino, u32), Arc<Vec<DirEntry>>>;
+type ListingCache = LruCache<(Ino, u32), Arc<Listing>>;
 
 /// Listings kept for streams still reading.
 const LISTINGS_KEPT: NonZeroUsize = NonZeroUsize::new(64).expect("nonzero");
@@ -71,7 +62,7 @@ impl Default for Listings {
 #[derive(Debug)]
 pub struct ListingRead {
     /// The whole listing.
-    pub entries: Arc<Vec<DirEntry>>,
+    pub entries: Arc<Listing>,
     /// Index of the first entry to return.
     pub start: usize,
     generation: u32,
@@ -135,7 +126,7 @@ impl Overlay {
                 let map = self.dirs.lock();
                 let same = map
                     .iter()
-                    .find(|((ino, _), l)| *ino == dir.ino && l.as_slice() == fresh.as_slice())
+                    .find(|((ino, _), l)| *ino == dir.ino && ***l == fresh)
                     .map(|(_, l)| l.clone());
                 same.unwrap_or_else(|| Arc::new(fresh))
             }
@@ -160,13 +151,13 @@ impl Overlay {
     /// listing was made: kernel overlayfs keeps returning such names from its per-stream
     /// cache, so readdirplus returns them too, as an inode that cannot be used (zero cache
     /// time; every request on it fails with ENOENT). Counts one kernel lookup.
-    pub fn vanished_entry(&self, dir: &Arc<Node>, e: &DirEntry) -> Entry {
+    pub fn vanished_entry(&self, dir: &Arc<Node>, e: DirEntry<'_>) -> Entry {
         let ghost = Node::new(
             e.ino,
             e.file_type,
             NodeState {
                 parent: Some(dir.clone()),
-                name: e.name.clone(),
+                name: e.name.to_owned(),
                 reals: Vec::new(),
                 detached: None,
                 metacopy: false,
@@ -186,88 +177,100 @@ impl Overlay {
 
     /// Builds the merged listing of `dir`: `.` and `..` first, then each name once (the top
     /// layer's entry), whiteouts and their targets left out.
-    pub fn read_merged(&self, dir: &Node) -> Result<Vec<DirEntry>> {
+    pub fn read_merged(&self, dir: &Node) -> Result<Listing> {
         let reals = dir.state().reals.clone();
         let parent_ino = dir.state().parent.as_ref().map_or(Ino::ROOT, |p| p.ino);
-        let mut out = vec![
-            DirEntry {
-                name: ".".into(),
-                ino: dir.ino,
-                file_type: FileType::Directory,
-            },
-            DirEntry {
-                name: "..".into(),
-                ino: parent_ino,
-                file_type: FileType::Directory,
-            },
-        ];
+        let mut out = Listing::default();
+        out.push(OsStr::new("."), dir.ino, FileType::Directory);
+        out.push(OsStr::new(".."), parent_ino, FileType::Directory);
+        // Names of the layers above the one being read (a name is listed once, from the
+        // topmost layer holding it); the lowest layer's are never needed, and a directory in
+        // one layer needs none.
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut whited: HashSet<OsString> = HashSet::new();
         // Whether an entry shows a number other than its real object's (an origin's).
         let mut shows_other_ino = false;
-        for real in reals {
+        let layers = reals.len();
+        for (i, real) in reals.into_iter().enumerate() {
+            let more_below = i + 1 < layers;
             let fd = self.real_dir_fd(dir, real.layer)?;
-            let raw = sys::fs::read_dir(fd.as_fd()).map_err(|e| Error::io("readdir", e))?;
-            if let Some(names) = self.lower_names.as_ref().filter(|_| !real.layer.is_upper()) {
-                names.remember(
-                    dir.ino,
-                    real.layer,
-                    &fd,
-                    raw.iter().map(|e| e.name.as_os_str()),
-                );
-            }
+            let mut names = self
+                .lower_names
+                .as_ref()
+                .filter(|_| !real.layer.is_upper())
+                .map(|n| n.names());
             // Whiteouts of this layer hide names in the layers below only (OCI layer.md).
             let mut layer_whiteouts = Vec::new();
-            for e in raw {
-                if whiteout::is_reserved_name(&e.name) {
-                    if let Some(target) = whiteout::hidden_by_wh(&e.name) {
-                        layer_whiteouts.push(target.to_owned());
+            // Entries are handled as getdents returns them: a large directory is not held
+            // twice (read, then merged) while its listing is built.
+            sys::fs::read_dir_each(
+                fd.as_fd(),
+                |e| Error::io("readdir", e),
+                |e| {
+                    if let Some(names) = names.as_mut() {
+                        names.add(&e.name);
                     }
-                    continue;
-                }
-                if seen.contains(&e.name) || whited.contains(&e.name) {
-                    continue;
-                }
-                let mut file_type = e.file_type;
-                if file_type == FileType::Unknown
-                    || file_type == FileType::CharacterDevice
-                    || (real.xwhiteouts && file_type == FileType::RegularFile)
-                {
-                    let st = match sys::fs::stat_name(fd.as_fd(), &e.name) {
-                        Ok(st) => st,
-                        // Gone since getdents: not part of the listing.
-                        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => continue,
-                        Err(err) => return Err(Error::io("stat dir entry", err)),
-                    };
-                    file_type = FileType::from_raw_mode(st.st_mode);
-                    if whiteout::is_chardev_whiteout(&st)
-                        || (real.xwhiteouts
-                            && whiteout::may_be_xattr_whiteout(&st)
-                            && whiteout::is_xattr_whiteout(fd.as_fd(), &e.name)
-                                .map_err(|err| Error::io("read xattr whiteout", err))?)
+                    if whiteout::is_reserved_name(&e.name) {
+                        if let Some(target) = whiteout::hidden_by_wh(&e.name) {
+                            layer_whiteouts.push(target.to_owned());
+                        }
+                        return Ok(());
+                    }
+                    if seen.contains(&e.name) || whited.contains(&e.name) {
+                        return Ok(());
+                    }
+                    let mut file_type = e.file_type;
+                    if file_type == FileType::Unknown
+                        || file_type == FileType::CharacterDevice
+                        || (real.xwhiteouts && file_type == FileType::RegularFile)
                     {
-                        layer_whiteouts.push(e.name);
-                        continue;
+                        let st = match sys::fs::stat_name(fd.as_fd(), &e.name) {
+                            Ok(st) => st,
+                            // Gone since getdents: not part of the listing.
+                            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                                return Ok(());
+                            }
+                            Err(err) => return Err(Error::io("stat dir entry", err)),
+                        };
+                        file_type = FileType::from_raw_mode(st.st_mode);
+                        if whiteout::is_chardev_whiteout(&st)
+                            || (real.xwhiteouts
+                                && whiteout::may_be_xattr_whiteout(&st)
+                                && whiteout::is_xattr_whiteout(fd.as_fd(), &e.name)
+                                    .map_err(|err| Error::io("read xattr whiteout", err))?)
+                        {
+                            layer_whiteouts.push(e.name);
+                            return Ok(());
+                        }
                     }
-                }
-                if real.layer.is_upper() && real.impure && !self.origin_known(e.ino) {
-                    // A copy-up from an earlier mount shows its origin's number: find it.
-                    let _ = self.lookup_real(dir, &e.name);
-                }
-                seen.insert(e.name.clone());
-                let ino = self.ino_for(real.layer, e.ino);
-                shows_other_ino |= ino != self.own_ino(real.layer, e.ino);
-                out.push(DirEntry {
-                    ino,
-                    name: e.name,
-                    file_type,
-                });
+                    if real.layer.is_upper() && real.impure && !self.origin_known(e.ino) {
+                        // A copy-up from an earlier mount shows its origin's number: find it.
+                        let _ = self.lookup_real(dir, &e.name);
+                    }
+                    if more_below {
+                        seen.insert(e.name.clone());
+                    }
+                    let ino = self.ino_for(real.layer, e.ino);
+                    shows_other_ino |= ino != self.own_ino(real.layer, e.ino);
+                    if out.push(&e.name, ino, file_type) {
+                        Ok(())
+                    } else {
+                        Err(Error::io(
+                            "readdir",
+                            std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+                        ))
+                    }
+                },
+            )?;
+            if let (Some(known), Some(names)) = (self.lower_names.as_ref(), names) {
+                known.remember(dir.ino, real.layer, &fd, names);
             }
             whited.extend(layer_whiteouts);
         }
         if !shows_other_ino {
             self.drop_useless_impure(dir)?;
         }
+        out.shrink_to_fit();
         Ok(out)
     }
 

@@ -84,22 +84,43 @@ pub fn statvfs(fd: BorrowedFd<'_>) -> io::Result<StatVfs> {
 /// Lists the names in the directory `dir` (an `O_PATH` handle is fine; it is reopened for
 /// reading). `.` and `..` are left out. Each entry carries its `d_ino` and `d_type`.
 pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<RawDirEntry>> {
-    let fd = open_beneath(dir, OsStr::new("."), OFlags::RDONLY | OFlags::DIRECTORY)?;
     let mut out = Vec::new();
-    let mut stream = rustix::fs::Dir::new(fd)?;
+    read_dir_each(
+        dir,
+        |e| e,
+        |entry| {
+            out.push(entry);
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// Passes each entry of the directory `dir` to `each` as it is read, as [`read_dir`] lists
+/// them, stopping at the first error (`io_error` turns the directory's own into `E`).
+/// Why: a caller that keeps only part of each entry (a merged listing) then never holds the
+/// whole directory twice.
+pub fn read_dir_each<E>(
+    dir: BorrowedFd<'_>,
+    io_error: impl Fn(io::Error) -> E,
+    mut each: impl FnMut(RawDirEntry) -> Result<(), E>,
+) -> Result<(), E> {
+    let fd = open_beneath(dir, OsStr::new("."), OFlags::RDONLY | OFlags::DIRECTORY)
+        .map_err(&io_error)?;
+    let mut stream = rustix::fs::Dir::new(fd).map_err(|e| io_error(e.into()))?;
     while let Some(entry) = stream.read() {
-        let entry = entry?;
+        let entry = entry.map_err(|e| io_error(e.into()))?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;
         }
-        out.push(RawDirEntry {
+        each(RawDirEntry {
             name: OsStr::from_bytes(name).to_owned(),
             ino: entry.ino(),
             file_type: entry.file_type(),
-        });
+        })?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One entry as `getdents64` returns it.

@@ -129,6 +129,36 @@ pub fn raise_nofile_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(1 << 20)
 }
 
+/// Largest allocation glibc's malloc serves from its heaps; larger ones are mapped and
+/// unmapped on their own.
+#[cfg(target_env = "gnu")]
+const MMAP_THRESHOLD: libc::c_int = 1 << 20;
+
+/// Tunes glibc's malloc for a long-running daemon whose memory must stay flat: at most one
+/// arena per CPU, and a fixed mapping threshold. Call before any thread is started.
+///
+/// Why: glibc gives each thread that allocates its own arena (up to 8 per CPU) and raises its
+/// mapping threshold to the size of any mapped block freed. With 8 reader threads, a
+/// directory listing rebuilt on a thread whose arena was idle (the kernel rereads
+/// directories whose cached listings it dropped under memory pressure) grew that arena and
+/// raised the daemon's peak memory by 4-7 MiB each time, and a 16 MiB request buffer
+/// allocated after the threshold had risen came out of a heap, zeroed page by page (16 MiB
+/// more resident). Measured (walk of 59k entries, then 6 rereads of every listing): peak
+/// 23 → 42 MiB before, 22 → 26 MiB with these settings and listings that are not copied.
+pub fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arenas = libc::c_int::try_from(cpus.max(2)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets allocator parameters; it is called before other threads
+        // exist, and a value it rejects leaves the default in place.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
+    }
+}
+
 /// Effective user id of the daemon (0 also inside a user namespace where we are root).
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()

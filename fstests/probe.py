@@ -164,6 +164,30 @@ def cmd_interleave(path, first):
           f"unknown={len(set(real) - set(before))} after={len(os.listdir(path))}")
 
 
+def cmd_dropmid(path, first, others):
+    """Reads `first` entries of `path`, drops the page cache (a FUSE mount's cached listings
+    with it, as memory pressure does), lists every directory under `others` (which pushes a
+    daemon's listing of `path` out of any small cache), then reads on: the stream must go on
+    where it was, every name once."""
+    d = _opendir(path)
+    seen = []
+    for _ in range(first):
+        ent = _next(d)
+        if ent is None:
+            break
+        seen.append(ent[0])
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+    for sub in sorted(os.listdir(others)):
+        os.listdir(os.path.join(others, sub))
+    while (ent := _next(d)) is not None:
+        seen.append(ent[0])
+    libc.closedir(d)
+    names = sorted(n for n in seen if n not in (".", ".."))
+    print(f"seen={len(names)} distinct={len(set(names))} "
+          f"same_as_listdir={names == sorted(os.listdir(path))}")
+
+
 def cmd_dots(path):
     d = _opendir(path)
     dots = {}
@@ -230,6 +254,8 @@ def main(argv):
         cmd_seek(args[0])
     elif cmd == "interleave":
         cmd_interleave(args[0], int(args[1]))
+    elif cmd == "dropmid":
+        cmd_dropmid(args[0], int(args[1]), args[2])
     elif cmd == "dots":
         cmd_dots(args[0])
     elif cmd == "stable":

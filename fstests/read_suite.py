@@ -517,6 +517,21 @@ def fx_big_dir(s):
         s.file("u", f"big/n{i:05}", "")
 
 
+def fx_reread(s):
+    """The big directory beside 80 small merged ones (more than a daemon keeps listings of)."""
+    fx_big_dir(s)
+    for i in range(80):
+        s.file(1, f"many/d{i:02}/a", "")
+        s.file(0, f"many/d{i:02}/b", "")
+
+
+REREAD_SCRIPT = """
+$PROBE dropmid big 1500 many
+for r in 1 2; do echo 1 > /proc/sys/vm/drop_caches; ls -f big | sort | md5sum; ls many/d07; done
+stat -c '%n %s' big/f00001 big/f02999 big/f03000 big/f05000 big/n01999 2>&1
+"""
+
+
 class ForegroundDaemon:
     """stratafs run in the foreground (`-f`) on stack `s`, its log (RUST_LOG=`log_filter`) in
     a file, for checks that read what the daemon says or measure the process itself."""
@@ -833,6 +848,7 @@ def scenarios():
         Scenario("hardlinks", fx_hardlinks, "stat -c '%n %h' a sub/b c x y p r t; $PROBE errno stat q"),
         Scenario("xattrs", fx_xattrs, XATTR_SCRIPT),
         Scenario("big-dir-10k", fx_big_dir, "ls big | wc -l; ls -f big | sort | md5sum; $PROBE seek big"),
+        Scenario("listings-reread-after-cache-drop", fx_reread, REREAD_SCRIPT),
         Scenario("readdirplus-lookup-counts", fx_lookup_counts, check=check_lookup_counts),
         Scenario("busy-poll-on-and-off", fx_lookup_counts, check=check_busy_poll),
         Scenario("readdir-seekdir", fx_readdir,

@@ -40,7 +40,7 @@ type HashSet64 = HashSet<u64, BuildHasherDefault<PreHashed>>;
 
 /// The hasher of [`HashSet64`]: the key is a hash already.
 #[derive(Debug, Default)]
-pub struct PreHashed(u64);
+struct PreHashed(u64);
 
 impl Hasher for PreHashed {
     fn finish(&self) -> u64 {

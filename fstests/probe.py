@@ -60,6 +60,17 @@ def _next(d):
     return (ent.contents.d_name.decode(errors="replace"), ent.contents.d_ino)
 
 
+def _read_names(d, count):
+    """The names of the next `count` entries of stream `d` (fewer at its end)."""
+    names = []
+    for _ in range(count):
+        ent = _next(d)
+        if ent is None:
+            break
+        names.append(ent[0])
+    return names
+
+
 def _open_close(path, flags):
     os.close(os.open(path, flags, 0o644))
 
@@ -144,12 +155,7 @@ def cmd_interleave(path, first):
     """Reads `first` entries, removes every entry, then reads on: what does the reader see?"""
     before = sorted(os.listdir(path))
     d = _opendir(path)
-    seen = []
-    for _ in range(first):
-        ent = _next(d)
-        if ent is None:
-            break
-        seen.append(ent[0])
+    seen = _read_names(d, first)
     for n in before:
         p = os.path.join(path, n)
         if os.path.isdir(p) and not os.path.islink(p):
@@ -170,12 +176,7 @@ def cmd_dropmid(path, first, others):
     daemon's listing of `path` out of any small cache), then reads on: the stream must go on
     where it was, every name once."""
     d = _opendir(path)
-    seen = []
-    for _ in range(first):
-        ent = _next(d)
-        if ent is None:
-            break
-        seen.append(ent[0])
+    seen = _read_names(d, first)
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("1\n")
     for sub in sorted(os.listdir(others)):

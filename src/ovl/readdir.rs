@@ -126,7 +126,7 @@ impl Overlay {
                 let map = self.dirs.lock();
                 let same = map
                     .iter()
-                    .find(|((ino, _), l)| *ino == dir.ino && ***l == fresh)
+                    .find(|((ino, _), l)| *ino == dir.ino && l.as_ref() == &fresh)
                     .map(|(_, l)| l.clone());
                 same.unwrap_or_else(|| Arc::new(fresh))
             }

@@ -503,10 +503,11 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ovl.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
+        // The reply goes out from inside: the data stays in the reader's own buffer.
+        self.ovl.read_with(fh.0, offset, size, |data| match data {
+            Ok(data) => reply.data(data),
             Err(e) => reply.error(Self::fail("read", &e)),
-        }
+        });
     }
 
     fn write(

@@ -129,8 +129,9 @@ class Union:
     """The layers of one test under `root` (l1 on top of l2, upper, work) and their union
     mounted at root/mnt, by stratafs (a foreground daemon) or by kernel overlayfs."""
 
-    def __init__(self, target, binary, root):
+    def __init__(self, target, binary, root, extra_options=""):
         self.target, self.binary, self.root = target, binary, root
+        self.extra_options = extra_options
         self.l1, self.l2, self.upper, self.work, self.mnt = (
             os.path.join(root, d) for d in ("l1", "l2", "upper", "work", "mnt"))
         for d in (self.l1, self.l2, self.upper, self.work, self.mnt):
@@ -142,7 +143,10 @@ class Union:
         return os.path.join(self.mnt, rel)
 
     def options(self):
-        return f"lowerdir={self.l1}:{self.l2},upperdir={self.upper},workdir={self.work}"
+        base = f"lowerdir={self.l1}:{self.l2},upperdir={self.upper},workdir={self.work}"
+        if self.extra_options and self.target != "kernel":
+            return f"{base},{self.extra_options}"
+        return base
 
     def mount(self):
         if self.target == "kernel":
@@ -824,7 +828,7 @@ class Fsx:
 def run_fsx(args, scratch):
     """One fsx run; returns [(test name, passed)]."""
     name = f"fsx {args.target} seed={args.seed} ops={args.ops}"
-    union = Union(args.target, args.binary, os.path.join(scratch, "fsx"))
+    union = Union(args.target, args.binary, os.path.join(scratch, "fsx"), args.options)
     long_lived, newcomers = make_fsx_layers(union, args.seed, args.ops // args.fresh_every + 1)
     watchdog = Watchdog(union)
     fsx = Fsx(union, long_lived, newcomers, args.seed, args.fresh_every, trace=args.trace,
@@ -917,7 +921,7 @@ def run_fio_job(union, job, verify_only):
 def run_fio(args, scratch):
     """The fio jobs, then all of them again with --verify_only after a remount."""
     size = args.fio_size * MiB
-    union = Union(args.target, args.binary, os.path.join(scratch, "fio"))
+    union = Union(args.target, args.binary, os.path.join(scratch, "fio"), args.options)
     jobs = fio_jobs(size)
     rng = random.Random(f"fio-{args.seed}")
     for job in jobs:
@@ -973,6 +977,9 @@ def parse_args():
         description="fsx-style random data-integrity test for stratafs (see the docstring)")
     ap.add_argument("--binary", default=DEFAULT_BINARY, help="stratafs binary")
     ap.add_argument("--target", choices=("stratafs", "kernel"), default="stratafs")
+    ap.add_argument("--options", default="",
+                    help="more -o options for stratafs (not kernel overlayfs), e.g. "
+                         "passthrough=off: reads and writes through the daemon")
     ap.add_argument("--ops", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--dir", help="scratch directory (default: a new one under /tmp)")

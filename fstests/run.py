@@ -11,6 +11,7 @@ Suites (each a separate program, each ending with "N passed, M failed"):
   write-rootless  the same in a user namespace (kernel with userxattr; user.overlay.* xattrs)
   interop    interop_fuse_overlayfs.py: uppers written by fuse-overlayfs read by stratafs
   fsx        fsx.py: random-operation data-integrity exerciser against an in-memory model
+  fsx-nopassthrough  the same with passthrough=off: reads (spliced) and writes through the daemon
   crash      crashloop.py: SIGKILL of the daemon mid-way through a workload of every write
              operation (and of remounts mid-cleanup), then checks
 
@@ -35,6 +36,7 @@ SUITES = {
     "write-rootless": "write_suite.py --rootless",
     "interop": "interop_fuse_overlayfs.py",
     "fsx": "fsx.py",
+    "fsx-nopassthrough": "fsx.py --options passthrough=off --seed 2",
     "crash": "crashloop.py",
 }
 

@@ -189,7 +189,8 @@ fn print_docs(args: &MountArgs) -> std::io::Result<()> {
     clap_mangen::Man::new(cmd).render(&mut out)
 }
 
-/// Logs go to stderr; `RUST_LOG` picks levels, `-d` means debug.
+/// Logs go to stderr; `RUST_LOG` picks levels, `-d` means debug. Colours only on a terminal:
+/// a log redirected to a file (or podman's journal) gets plain text.
 fn init_logging(debug: bool) {
     let default = if debug { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -197,5 +198,6 @@ fn init_logging(debug: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -7,6 +7,7 @@ pub mod passthrough;
 mod readdirplus;
 mod reader_cpus;
 pub mod session;
+mod splice_read;
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -42,6 +43,8 @@ pub struct OverlayFs {
     passthrough: Passthrough,
     /// Set once the session exists and busy polling is on (see [`BusyPoll`]).
     busy_poll: Arc<OnceLock<Arc<BusyPoll>>>,
+    /// Which callers get attributes in READDIRPLUS (see [`readdirplus`]).
+    listing_callers: readdirplus::ListingCallers,
 }
 
 impl OverlayFs {
@@ -54,6 +57,7 @@ impl OverlayFs {
             ttl,
             passthrough,
             busy_poll: Arc::default(),
+            listing_callers: readdirplus::ListingCallers::new(),
         }
     }
 
@@ -199,8 +203,9 @@ impl Filesystem for OverlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each capability separately: an old kernel lacking one must not cost us the rest.
         for cap in [
+            // READDIRPLUS for every batch, without FUSE_READDIRPLUS_AUTO: which entries
+            // carry attributes is decided per caller (see `readdirplus`).
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ASYNC_READ,
@@ -252,6 +257,7 @@ impl Filesystem for OverlayFs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.request(req);
         debug!(op = "lookup", parent = parent.0, ?name);
+        self.listing_callers.looked_up(req.pid(), parent.0);
         let res = self.node(parent).and_then(|p| self.ovl.lookup(&p, name));
         self.entry_reply(reply, res, "lookup");
     }
@@ -503,7 +509,15 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        // The reply goes out from inside: the data stays in the reader's own buffer.
+        // Spliced from the real file where it can be (one copy of each byte, not two), else
+        // sent from inside `read_with`: the data stays in the reader's own buffer.
+        let reply = match self.ovl.handle_fd(fh.0) {
+            Ok(fd) => match splice_read::reply_spliced(fd.as_fd(), offset, size as usize, reply) {
+                Ok(()) => return,
+                Err(reply) => reply,
+            },
+            Err(e) => return reply.error(Self::fail("read", &e)),
+        };
         self.ovl.read_with(fh.0, offset, size, |data| match data {
             Ok(data) => reply.data(data),
             Err(e) => reply.error(Self::fail("read", &e)),
@@ -631,7 +645,7 @@ impl Filesystem for OverlayFs {
             Ok(v) => v,
             Err(e) => return reply.error(Self::fail("readdirplus", &e)),
         };
-        self.reply_readdirplus(&dir, &listing, reply);
+        self.reply_readdirplus(req.pid(), &dir, &listing, reply);
     }
 
     fn fsyncdir(

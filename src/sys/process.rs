@@ -185,6 +185,18 @@ pub fn in_group(pid: u32, gid: u32) -> bool {
     })
 }
 
+/// The process (thread group) thread `tid` belongs to, from `/proc/TID/status`; `None` when
+/// that cannot be read (the thread is gone). Why: FUSE names the calling thread, and a
+/// program may list a directory on one thread and stat its entries on others (libuv's pool,
+/// parallel walkers).
+pub fn thread_group_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Tgid:"))
+        .and_then(|rest| rest.trim().parse().ok())
+}
+
 /// Whether thread `tid` is blocked in a chown(2)-family system call (from
 /// `/proc/TID/syscall`); `None` when that cannot be read. Why: FUSE sends the same empty
 /// SETATTR for chown(2) to owner and group -1 as for the set-id removal before a write,

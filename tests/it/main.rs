@@ -12,5 +12,6 @@ mod listings;
 mod mount_life;
 mod override_stat;
 mod passthrough;
+mod readdirplus;
 mod run;
 mod safety;

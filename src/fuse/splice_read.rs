@@ -4,77 +4,78 @@
 //! A READ answered from a buffer copies every byte twice: `pread` from the page cache into
 //! the buffer, then `writev` from the buffer into the kernel's request. `splice` instead puts
 //! the page cache's pages into a pipe by reference, and `/dev/fuse` copies them once, into the
-//! request (fuse-overlayfs 1.10 replies so, through libfuse). The reply's header has to come
-//! first in the pipe, but its length is known only once the file has given its bytes (fewer
-//! than asked at the end of the file, or if it changes meanwhile). So each reader thread keeps
-//! two pipes: the data is spliced into the first; the header is written into the second and
-//! the data spliced after it (pipe to pipe moves page references, it copies nothing); the
-//! second goes to `/dev/fuse` in one splice, which the kernel takes whole or not at all.
+//! request (fuse-overlayfs 1.10 replies so, through libfuse). The reply's header goes into
+//! the pipe first, so its length comes from `fstat` (the bytes from the offset to the end of
+//! the file, at most the size asked); if the file then gives fewer (it shrank meanwhile), the
+//! message is not sent. The pipe goes to `/dev/fuse` in one splice, which the kernel takes
+//! whole or not at all.
 //!
-//! Nothing here blocks: our pipes are spliced with `SPLICE_F_NONBLOCK`, and a READ larger
-//! than a pipe holds is not spliced. On any failure the thread's pipes are dropped (they may
-//! hold part of a reply; a new pair is made for the next READ) and the caller replies the
-//! usual way.
+//! Each reader thread keeps one pipe, grown to the largest READ it has carried: a pipe's size
+//! counts against its user's pipe allowance (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by
+//! default; past it, every new pipe of that user is cut to two pages), which a rootless
+//! daemon shares with its user's other programs. READs of 256 KiB (what the kernel's
+//! readahead sends here) take 512 KiB pipes: 4 MiB for the 8 readers of a 2-CPU machine.
+//! A READ that would need a pipe larger than `/proc/sys/fs/pipe-max-size` is not spliced.
+//!
+//! Nothing here blocks: the pipe is spliced with `SPLICE_F_NONBLOCK` and always has room. On
+//! any failure the thread's pipe is dropped if it may hold part of a reply (a new one is made
+//! for the next READ) and the caller replies the usual way.
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use fuser::ReplyData;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with};
 
-/// Pipe size asked for: room for the largest READ the kernel sends (`max_pages`, 1 MiB)
-/// would need more than an unprivileged process may have (`/proc/sys/fs/pipe-max-size`, 1 MiB
-/// by default, holds 1 MiB only without the header), so READs up to what fits are spliced
-/// (the kernel's readahead asks 128 KiB).
-const PIPE_SIZE: usize = 1 << 20;
-
 /// Size of `struct fuse_out_header`: length, error, unique.
 const HEADER_LEN: usize = 16;
 
-/// One reader thread's two pipes: (read end, write end) each.
-struct Pipes {
-    data: (OwnedFd, OwnedFd),
-    reply: (OwnedFd, OwnedFd),
-    /// The most data bytes one READ may splice through them: a page of each pipe's capacity
-    /// is kept for the header and for a read that does not start on a page boundary.
-    max_data: usize,
+/// One reader thread's pipe.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Its size in bytes (`F_GETPIPE_SZ`).
+    capacity: usize,
 }
 
 thread_local! {
-    static PIPES: RefCell<Option<Pipes>> = const { RefCell::new(None) };
+    static PIPE: RefCell<Option<Pipe>> = const { RefCell::new(None) };
 }
 
 /// Replies to READ `reply` with up to `size` bytes of `file` from `offset` through the
-/// thread's pipes. Gives the reply back, unsent, if it could not be spliced.
+/// thread's pipe. Gives the reply back, unsent, if it could not be spliced.
 pub(super) fn reply_spliced(
     file: BorrowedFd<'_>,
     offset: u64,
     size: usize,
     reply: ReplyData,
 ) -> Result<(), ReplyData> {
-    PIPES.with(|cell| {
+    let Some(len) = bytes_to_send(file, offset, size) else {
+        return Err(reply);
+    };
+    PIPE.with(|cell| {
         let Ok(mut slot) = cell.try_borrow_mut() else {
             return Err(reply);
         };
         if slot.is_none() {
-            *slot = Pipes::new().ok();
+            *slot = Pipe::new().ok();
         }
-        let Some(pipes) = slot.as_ref() else {
+        let Some(pipe) = slot.as_mut() else {
             return Err(reply);
         };
-        if size > pipes.max_data {
+        if pipe.make_room(len).is_err() {
             return Err(reply);
         }
         let mut dirty = false;
         let res =
-            reply.send_with(|dev, unique| pipes.send(file, offset, size, dev, unique, &mut dirty));
+            reply.send_with(|dev, unique| pipe.send(file, offset, len, dev, unique, &mut dirty));
         match res {
             Ok(()) => Ok(()),
             Err((reply, e)) => {
                 tracing::debug!(error = %e, "spliced READ reply failed, replying from a buffer");
                 if dirty {
-                    // They may hold part of this reply.
+                    // It may hold part of this reply.
                     *slot = None;
                 }
                 Err(reply)
@@ -83,94 +84,91 @@ pub(super) fn reply_spliced(
     })
 }
 
-impl Pipes {
-    fn new() -> io::Result<Pipes> {
-        let data = pipe_with(PipeFlags::CLOEXEC)?;
-        let reply = pipe_with(PipeFlags::CLOEXEC)?;
-        let mut capacity = usize::MAX;
-        for (_, write) in [&data, &reply] {
-            // Above pipe-max-size only with CAP_SYS_RESOURCE: then the default size it is.
-            let _ = fcntl_setpipe_size(write, PIPE_SIZE);
-            capacity = capacity.min(fcntl_getpipe_size(write)?);
-        }
-        let page = rustix::param::page_size();
-        Ok(Pipes {
-            data,
-            reply,
-            max_data: capacity.saturating_sub(2 * page),
+/// How many bytes a READ of `size` at `offset` returns: up to the end of the file.
+fn bytes_to_send(file: BorrowedFd<'_>, offset: u64, size: usize) -> Option<usize> {
+    let end = u64::try_from(rustix::fs::fstat(file).ok()?.st_size).ok()?;
+    usize::try_from(end.saturating_sub(offset).min(size as u64)).ok()
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
+        let capacity = fcntl_getpipe_size(&write)?;
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
         })
     }
 
-    /// Splices the file's bytes and the header into the reply pipe and the reply pipe into
-    /// `dev`; an error leaves nothing at the kernel, and sets `dirty` if the pipes may hold
-    /// something.
+    /// Grows the pipe, if need be, to hold the header and `len` bytes of a file: a page for
+    /// the header, one per page of data, one more for a start inside a page.
+    fn make_room(&mut self, len: usize) -> io::Result<()> {
+        let page = rustix::param::page_size();
+        let needed = (len.div_ceil(page) + 2) * page;
+        if self.capacity < needed {
+            // The kernel rounds up to a power of two pages; above pipe-max-size it refuses
+            // (without CAP_SYS_RESOURCE).
+            fcntl_setpipe_size(&self.write, needed)?;
+            self.capacity = fcntl_getpipe_size(&self.write)?;
+        }
+        if self.capacity < needed {
+            return Err(io::Error::other("pipe too small"));
+        }
+        Ok(())
+    }
+
+    /// Puts the header and `len` bytes of `file` from `offset` into the pipe and the pipe
+    /// into `dev`; an error leaves nothing at the kernel, and sets `dirty` if the pipe may
+    /// hold something.
     fn send(
         &self,
         file: BorrowedFd<'_>,
         mut offset: u64,
-        size: usize,
+        len: usize,
         dev: BorrowedFd<'_>,
         unique: u64,
         dirty: &mut bool,
     ) -> io::Result<()> {
         // Never SPLICE_F_MOVE: /dev/fuse would try to steal the lower file's pages.
         let flags = SpliceFlags::NONBLOCK;
+        let total = HEADER_LEN + len;
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(
+            &u32::try_from(total)
+                .map_err(io::Error::other)?
+                .to_ne_bytes(),
+        );
+        header[8..].copy_from_slice(&unique.to_ne_bytes());
+        *dirty = true;
+        if rustix::io::write(&self.write, &header)? != HEADER_LEN {
+            return Err(io::Error::other("short write of the reply header"));
+        }
         let mut n = 0;
-        while n < size {
-            match rustix::pipe::splice(file, Some(&mut offset), &self.data.1, None, size - n, flags)
-            {
-                Ok(0) => break,
-                Ok(k) => {
-                    n += k;
-                    *dirty = true;
-                }
+        while n < len {
+            match rustix::pipe::splice(file, Some(&mut offset), &self.write, None, len - n, flags) {
+                Ok(0) => return Err(io::Error::other("the file shrank under the read")),
+                Ok(k) => n += k,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        *dirty = true;
-        let len = HEADER_LEN + n;
-        let mut header = [0u8; HEADER_LEN];
-        header[..4].copy_from_slice(&u32::try_from(len).map_err(io::Error::other)?.to_ne_bytes());
-        header[8..].copy_from_slice(&unique.to_ne_bytes());
-        if rustix::io::write(&self.reply.1, &header)? != HEADER_LEN {
-            return Err(io::Error::other("short write of the reply header"));
-        }
-        move_all(self.data.0.as_fd(), self.reply.1.as_fd(), n, flags)?;
         // One message: /dev/fuse takes all of it or none.
-        let sent = rustix::pipe::splice(&self.reply.0, None, dev, None, len, flags)?;
-        if sent != len {
+        let sent = rustix::pipe::splice(&self.read, None, dev, None, total, flags)?;
+        if sent != total {
             return Err(io::Error::other(format!(
-                "/dev/fuse took {sent} of {len} bytes"
+                "/dev/fuse took {sent} of {total} bytes"
             )));
         }
         Ok(())
     }
 }
 
-/// Splices exactly `len` bytes from pipe `from` to pipe `to`.
-fn move_all(
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    len: usize,
-    flags: SpliceFlags,
-) -> io::Result<()> {
-    let mut moved = 0;
-    while moved < len {
-        match rustix::pipe::splice(from, None, to, None, len - moved, flags) {
-            Ok(0) => return Err(io::Error::other("pipe emptied early")),
-            Ok(k) => moved += k,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::AsFd;
 
     /// Content that shows where each byte came from.
     fn content(len: usize) -> Vec<u8> {
@@ -180,12 +178,13 @@ mod tests {
     /// Sends a READ reply of `file` into a pipe standing in for `/dev/fuse`; returns the
     /// header's length, error and unique, and the data.
     fn send_through(file: &std::fs::File, offset: u64, size: usize) -> (u32, i32, u64, Vec<u8>) {
-        let pipes = Pipes::new().unwrap();
+        let len = bytes_to_send(file.as_fd(), offset, size).unwrap();
+        let mut pipe = Pipe::new().unwrap();
+        pipe.make_room(len).unwrap();
         let (dev_r, dev_w) = pipe_with(PipeFlags::CLOEXEC).unwrap();
-        fcntl_setpipe_size(&dev_w, PIPE_SIZE).unwrap();
+        fcntl_setpipe_size(&dev_w, pipe.capacity).unwrap();
         let mut dirty = false;
-        pipes
-            .send(file.as_fd(), offset, size, dev_w.as_fd(), 42, &mut dirty)
+        pipe.send(file.as_fd(), offset, len, dev_w.as_fd(), 42, &mut dirty)
             .unwrap();
         drop(dev_w);
         let mut msg = Vec::new();
@@ -219,7 +218,15 @@ mod tests {
     }
 
     #[test]
-    fn the_pipes_hold_a_readahead_sized_read() {
-        assert!(Pipes::new().unwrap().max_data >= 128 * 1024);
+    fn the_pipe_grows_to_the_largest_read_and_refuses_what_it_cannot_hold() {
+        let mut pipe = Pipe::new().unwrap();
+        let first = pipe.capacity;
+        pipe.make_room(256 * 1024).unwrap();
+        assert!(pipe.capacity >= 256 * 1024 + 2 * rustix::param::page_size());
+        assert!(pipe.capacity > first);
+        let grown = pipe.capacity;
+        pipe.make_room(4096).unwrap();
+        assert_eq!(pipe.capacity, grown, "never shrinks back");
+        assert!(pipe.make_room(1 << 40).is_err());
     }
 }

@@ -165,8 +165,13 @@ NEW_PLACES = {
 SHOW = ('stat -c "%n %F %a %u:%g %s %h" {t} 2>&1; '
         'if [ -f {t} ]; then head -c 300 {t} 2>&1; fi; echo')
 
+# Direct I/O through the daemon's own buffers (see direct_io.py).
+DIRECT_IO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_io.py")
+
 FILE_OPS = {
     "append": "echo appended >> {t}",
+    "direct-read": f"python3 {DIRECT_IO} {{t}} read",
+    "direct-write": f"python3 {DIRECT_IO} {{t}} write",
     "overwrite": "printf 'XY' | dd of={t} bs=1 seek=2 conv=notrunc status=none",
     "truncate-shrink": "truncate -s 3 {t}",
     "truncate-grow": "truncate -s 70000 {t}",

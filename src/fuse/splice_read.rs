@@ -16,6 +16,9 @@
 //! daemon shares with its user's other programs. READs of 256 KiB (what the kernel's
 //! readahead sends here) take 512 KiB pipes: 4 MiB for the 8 readers of a 2-CPU machine.
 //! A READ that would need a pipe larger than `/proc/sys/fs/pipe-max-size` is not spliced.
+//! Nor is one of less than [`SPLICE_FROM`] bytes: for a page or less, the copy that splicing
+//! saves costs less than the two system calls it adds (`fstat` and the header's `write`:
+//! four calls against `pread` and `writev`); libfuse draws the same line.
 //!
 //! Nothing here blocks: the pipe is spliced with `SPLICE_F_NONBLOCK` and always has room. On
 //! any failure the thread's pipe is dropped if it may hold part of a reply (a new one is made
@@ -30,6 +33,10 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_siz
 
 /// Size of `struct fuse_out_header`: length, error, unique.
 const HEADER_LEN: usize = 16;
+
+/// Smallest READ spliced: two pages, as libfuse (`fuse_send_data_iov`). Random 4 KiB reads
+/// stay on the buffer path.
+const SPLICE_FROM: usize = 8192;
 
 /// One reader thread's pipe.
 struct Pipe {
@@ -51,6 +58,9 @@ pub(super) fn reply_spliced(
     size: usize,
     reply: ReplyData,
 ) -> Result<(), ReplyData> {
+    if size < SPLICE_FROM {
+        return Err(reply);
+    }
     let Some(len) = bytes_to_send(file, offset, size) else {
         return Err(reply);
     };

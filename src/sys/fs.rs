@@ -313,6 +313,17 @@ pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], mut offset: u64) -> io::Re
     Ok(done)
 }
 
+/// One `pread` (retried only when interrupted): for files opened with `O_DIRECT`, where a
+/// short read means the end of the file and a second read from there would be unaligned.
+pub fn pread_once(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    loop {
+        match rustix::io::pread(fd, &mut *buf, offset) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
 /// Whether `fd` refers to a directory on which the caller may rely (used for layer roots).
 pub fn is_dir(fd: impl AsFd) -> io::Result<bool> {
     let st = rustix::fs::fstat(fd)?;

@@ -58,6 +58,11 @@ def _dir(root, rel, mode=0o755):
     os.chmod(p, mode)
 
 
+def _chattr(root, rel, flags):
+    subprocess.run(["chattr", flags, os.path.join(root, rel)], stderr=subprocess.DEVNULL,
+                   check=False)
+
+
 def _whiteout(root, rel):
     p = os.path.join(root, rel)
     os.makedirs(os.path.dirname(p), exist_ok=True)
@@ -84,6 +89,10 @@ def base_fixture(top):
     os.mkfifo(os.path.join(l2, "lower/fifo"))
     _mk(l2, "mid/f", "bottom\n")
     _mk(l1, "mid/f", "middle\n")
+    # Inode flags a copy-up carries over (sync, noatime) and one it does not (nodump); where
+    # the filesystem has none, both mounts show none.
+    _chattr(l1, "mid/f", "+SAd")
+    _chattr(l2, "lower/d", "+Ad")
     _dir(l2, "mid/d")
     _mk(l2, "mid/d/a", "a\n")
     _dir(l1, "mid/d")
@@ -165,6 +174,12 @@ NEW_PLACES = {
 SHOW = ('stat -c "%n %F %a %u:%g %s %h" {t} 2>&1; '
         'if [ -f {t} ]; then head -c 300 {t} 2>&1; fi; echo')
 
+# Inode flags (FS_IOC_GETFLAGS as lsattr reads them, and FS_IOC_FSGETXATTR's xflags, extent
+# size and project id), before and after a copy-up.
+LSATTR = ("lsattr -d {t} 2>&1 | cut -c1-22; python3 -c 'import fcntl,os,struct; "
+          "b=bytearray(28); fcntl.ioctl(os.open(\"{t}\", os.O_RDONLY), 0x801c581f, b); "
+          "print(struct.unpack(\"4I\", b[:16]))'")
+
 # Direct I/O through the daemon's own buffers (see direct_io.py).
 DIRECT_IO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "direct_io.py")
 
@@ -172,6 +187,7 @@ FILE_OPS = {
     "append": "echo appended >> {t}",
     "direct-read": f"python3 {DIRECT_IO} {{t}} read",
     "direct-write": f"python3 {DIRECT_IO} {{t}} write",
+    "lsattr": f"{LSATTR} && chmod 600 {{t}} && {LSATTR}",
     "overwrite": "printf 'XY' | dd of={t} bs=1 seek=2 conv=notrunc status=none",
     "truncate-shrink": "truncate -s 3 {t}",
     "truncate-grow": "truncate -s 70000 {t}",
@@ -208,6 +224,7 @@ FILE_OPS = {
 }
 
 DIR_OPS = {
+    "lsattr": f"{LSATTR} && touch {{t}}/new && {LSATTR}",
     "rmdir-nonempty": "rmdir {t} 2>&1",
     "rm-rf": "rm -rf {t}",
     "rm-rf-mkdir": "rm -rf {t} && mkdir {t} && ls -A {t}; ls {t}/child {t}/a {t}/low {t}/f 2>&1",

@@ -16,9 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType as FuseFileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use rustix::fs::{FileType, Stat};
 use tracing::{debug, info, warn};
@@ -29,6 +30,7 @@ use crate::fuse::killpriv::KillRequest;
 use crate::fuse::passthrough::{OpenMode, Passthrough, RealOpen};
 use crate::ovl::dir::{Caller, NewObject};
 use crate::ovl::file::wants_write;
+use crate::ovl::fileattr::FileAttrForm;
 use crate::ovl::idmap::IdMap;
 use crate::ovl::inode::{Ino, Node};
 use crate::ovl::layer::LayerIdx;
@@ -725,6 +727,31 @@ impl Filesystem for OverlayFs {
         match self.node(ino).and_then(|n| self.ovl.removexattr(&n, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("removexattr", &e)),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        self.request(req);
+        debug!(op = "ioctl", ino = ino.0, cmd);
+        // The kernel sends only what `lsattr`/`chattr` ask (fileattr); any other ioctl on an
+        // overlay file is ENOTTY, as on kernel overlayfs.
+        let Some(form) = FileAttrForm::of_ioctl(cmd) else {
+            return reply.error(Errno::ENOTTY);
+        };
+        match self.node(ino).and_then(|n| self.ovl.fileattr_get(&n, form)) {
+            Ok(bytes) if bytes.len() <= out_size as usize => reply.ioctl(0, &bytes),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(Self::fail("ioctl", &e)),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::ovl::inode::{Node, Real};
 use crate::ovl::layer::LayerIdx;
 use crate::ovl::override_stat::{self, OverrideXattr, Owner};
-use crate::ovl::{Overlay, index, vfs, whiteout};
+use crate::ovl::{Overlay, fileattr, index, vfs, whiteout};
 use crate::sys;
 use crate::sys::fs::TimeSpec;
 
@@ -233,6 +233,7 @@ impl Overlay {
         let dst_obj =
             sys::fs::open_path(work, tmp.name()).map_err(|e| Error::io("copy-up open", e))?;
         copy_xattrs(src_obj.as_fd(), dst_obj.as_fd())?;
+        fileattr::copy_flags(src_obj.as_fd(), dst_obj.as_fd(), file_type);
         // Record where the copy came from, in the kernel's format (overlay.origin), and mark
         // the parent impure so that lookups and readdir know to look for origins there.
         if let Some(fh) = &origin {

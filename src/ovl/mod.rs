@@ -10,6 +10,7 @@ pub mod acl;
 pub mod copy_up;
 pub mod dir;
 pub mod file;
+pub mod fileattr;
 pub mod idmap;
 pub mod index;
 pub mod inode;

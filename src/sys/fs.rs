@@ -722,6 +722,37 @@ pub fn fs_uuid(fd: BorrowedFd<'_>) -> [u8; 16] {
     u.uuid
 }
 
+/// `FS_IOC_GETFLAGS` of `fd`: the inode flags `lsattr` shows (`FS_*_FL`).
+pub fn inode_flags(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    rustix::fs::ioctl_getflags(fd)
+        .map(|f| f.bits())
+        .map_err(io::Error::from)
+}
+
+/// `FS_IOC_SETFLAGS` of `fd`.
+pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    rustix::fs::ioctl_setflags(fd, rustix::fs::IFlags::from_bits_retain(flags))
+        .map_err(io::Error::from)
+}
+
+/// `_IOR('X', 31, struct fsxattr)`.
+pub const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+
+/// Size of `struct fsxattr`, what `FS_IOC_FSGETXATTR` fills.
+pub const FSXATTR_LEN: usize = 28;
+
+/// `FS_IOC_FSGETXATTR` of `fd`: the extended inode flags, extent size hints and project id
+/// (`struct fsxattr`), as raw bytes in the kernel's layout.
+pub fn fs_xattr(fd: BorrowedFd<'_>) -> io::Result<[u8; FSXATTR_LEN]> {
+    let mut raw = [0u8; FSXATTR_LEN];
+    // SAFETY: FS_IOC_FSGETXATTR writes sizeof(struct fsxattr) = 28 bytes into `raw`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), FS_IOC_FSGETXATTR, raw.as_mut_ptr()) };
+    match rc {
+        0 => Ok(raw),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// 16 random bytes (for the overlay instance UUID).
 pub fn random_uuid() -> [u8; 16] {
     let mut b = [0u8; 16];

@@ -15,8 +15,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use rustix::fs::{FileType, OFlags};
 
 use crate::error::{Error, Result};
-use crate::ovl::Overlay;
 use crate::ovl::inode::Node;
+use crate::ovl::{Overlay, vfs};
 use crate::sys;
 
 /// Inode flags a copy-up carries over (kernel `OVL_COPY_FS_FLAGS_MASK`): `FS_SYNC_FL` and
@@ -76,23 +76,21 @@ pub(crate) fn copy_flags(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, file_type: Fi
         FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY,
         _ => return,
     };
-    let res = (|| {
-        let src = sys::fs::reopen(src, mode)?;
-        let wanted = sys::fs::inode_flags(src.as_fd())? & COPIED_FLAGS;
+    let res = (|| -> Result<()> {
+        let flags_of =
+            |fd: BorrowedFd<'_>| sys::fs::inode_flags(fd).map_err(|e| Error::io("getflags", e));
+        let src = sys::fs::reopen(src, mode).map_err(|e| Error::io("fileattr open", e))?;
+        let wanted = flags_of(src.as_fd())? & COPIED_FLAGS;
         if wanted == 0 {
             return Ok(());
         }
-        let dst = sys::fs::reopen(dst, mode)?;
-        let flags = sys::fs::inode_flags(dst.as_fd())?;
-        sys::fs::set_inode_flags(dst.as_fd(), (flags & !COPIED_FLAGS) | wanted)
+        let dst = sys::fs::reopen(dst, mode).map_err(|e| Error::io("fileattr open", e))?;
+        let flags = flags_of(dst.as_fd())?;
+        vfs::do_set_inode_flags(dst.as_fd(), (flags & !COPIED_FLAGS) | wanted)
     })();
     match res {
         Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP)
-            ) => {}
+        Err(e) if matches!(e.errno(), libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => {}
         Err(e) => tracing::warn!(error = %e, "copy-up: inode flags not carried over"),
     }
 }

@@ -85,6 +85,12 @@ pub fn do_setxattr(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: u32) -
     sys::fs::set_xattr(fd, name, value, flags).map_err(|e| Error::io("setxattr", e))
 }
 
+/// `FS_IOC_SETFLAGS` on an open file or directory.
+pub fn do_set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> Result<()> {
+    debug!(target: T, op = "setflags", flags = format_args!("{flags:#x}"));
+    sys::fs::set_inode_flags(fd, flags).map_err(|e| Error::io("setflags", e))
+}
+
 /// `removexattr` on the object behind an `O_PATH` fd.
 pub fn do_removexattr(fd: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     debug!(target: T, op = "removexattr", ?name);

@@ -48,11 +48,7 @@ impl Overlay {
     /// The flags of `node`'s real object in `form`, as the bytes of the ioctl's reply.
     /// `ENOTTY` for objects that have none (what the kernel answers for them).
     pub fn fileattr_get(&self, node: &Node, form: FileAttrForm) -> Result<Vec<u8>> {
-        let mode = match node.file_type {
-            FileType::RegularFile => OFlags::RDONLY | OFlags::NONBLOCK,
-            FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY,
-            _ => return Err(no_flags()),
-        };
+        let mode = open_mode(node.file_type).ok_or_else(no_flags)?;
         // The ioctl needs an open file, not the O_PATH handle we keep; no data is read.
         let real = sys::fs::reopen(self.real_path_fd(node)?.as_fd(), mode)
             .map_err(|e| Error::io("fileattr open", e))?;
@@ -71,10 +67,8 @@ impl Overlay {
 /// either side (`ENOTTY`, `EINVAL`, `EOPNOTSUPP`) is skipped as the kernel skips it, and any
 /// other failure is logged rather than failing the copy-up over a flag.
 pub(crate) fn copy_flags(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, file_type: FileType) {
-    let mode = match file_type {
-        FileType::RegularFile => OFlags::RDONLY | OFlags::NONBLOCK,
-        FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY,
-        _ => return,
+    let Some(mode) = open_mode(file_type) else {
+        return;
     };
     let res = (|| -> Result<()> {
         let flags_of =
@@ -92,6 +86,16 @@ pub(crate) fn copy_flags(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, file_type: Fi
         Ok(()) => {}
         Err(e) if matches!(e.errno(), libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => {}
         Err(e) => tracing::warn!(error = %e, "copy-up: inode flags not carried over"),
+    }
+}
+
+/// How to open an object of `file_type` for the flag ioctls, which need an open file (not
+/// the `O_PATH` handles kept): None for types without inode flags on FUSE.
+fn open_mode(file_type: FileType) -> Option<OFlags> {
+    match file_type {
+        FileType::RegularFile => Some(OFlags::RDONLY | OFlags::NONBLOCK),
+        FileType::Directory => Some(OFlags::RDONLY | OFlags::DIRECTORY),
+        _ => None,
     }
 }
 

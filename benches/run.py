@@ -65,6 +65,13 @@ TARGETS = {
     "fo2-rootless": ("fuse", "fo2", True),
     "plain": ("plain", None, False),
 }
+# Targets that are stratafs with more options: FUSE over io_uring (the run switches the
+# kernel's fuse.enable_uring on while it lasts, and puts it back).
+TARGETS["strata-uring"] = ("fuse", "strata", False)
+TARGETS["strata-uring-rootless"] = ("fuse", "strata", True)
+TARGET_OPTS = {"strata-uring": "io_uring", "strata-uring-rootless": "io_uring"}
+ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
+
 DEFAULT_TARGETS = ["kernel", "fo1", "fo2", "strata", "strata-rootless", "fo1-rootless",
                    "fo2-rootless", "plain"]
 
@@ -184,8 +191,21 @@ def vm_hwm_mib(pid):
     raise RuntimeError("no VmHWM")
 
 
-def do_mount(kind, binary, lowers, upper, work, mnt, cwd=None):
+def set_enable_uring(value):
+    """Sets the kernel's fuse.enable_uring (for the strata-uring targets); returns the old
+    value."""
+    with open(ENABLE_URING) as f:
+        old = f.read().strip()
+    with open(ENABLE_URING, "w") as f:
+        f.write(value)
+    log(f"fuse.enable_uring: {old} -> {value}")
+    return old
+
+
+def do_mount(kind, binary, lowers, upper, work, mnt, cwd=None, extra=""):
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    if extra:
+        opts += "," + extra
     if kind == "kernel":
         cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
     else:
@@ -853,7 +873,8 @@ def measure(spec, drop):
         lowers, cwd = meta["lowers"], None
     pid = None
     try:
-        pid = do_mount(kind, spec["bins"].get(binkey), lowers, upper, work, mnt, cwd)
+        pid = do_mount(kind, spec["bins"].get(binkey), lowers, upper, work, mnt, cwd,
+                       TARGET_OPTS.get(target, ""))
         c = Ctx(mnt, meta, pid, drop, timeout)
         return as_dict(w, w.fn(c))
     finally:
@@ -1268,6 +1289,9 @@ def main():
     results = {m: {t: {"values": [], "errors": []} for t in targets} for m, _ in metrics}
     log_lines = []
     interrupted = False
+    uring_was = None
+    if any(t in TARGET_OPTS for t in targets):
+        uring_was = set_enable_uring("Y")
     try:
         if "plain" in targets:
             os.makedirs(pristine, exist_ok=True)
@@ -1315,6 +1339,8 @@ def main():
             do_unmount(m, find_daemon(m))
         for n in ("upper", "work"):
             rmtree(os.path.join(run_dir, n))
+        if uring_was is not None:
+            set_enable_uring(uring_was)
 
     total = round(time.monotonic() - t_start, 1)
     summary = summarize(results, metrics, targets)

@@ -94,8 +94,15 @@ def mount_kernel(lowers, upper, work, mnt, extra="", cwd=None):
                    stderr=subprocess.PIPE, cwd=cwd)
 
 
+def strata_extra_opts():
+    """Options every stratafs mount of a suite gets on top of its own (`STRATAFS_EXTRA_OPTS`,
+    set by run.py for the io_uring variants of suites)."""
+    return os.environ.get("STRATAFS_EXTRA_OPTS", "")
+
+
 def mount_strata(binary, lowers, upper, work, mnt, extra="", cwd=None):
     """Mounts stratafs with the fuse-overlayfs command line; returns once the mount is live."""
+    extra = ",".join(o for o in (extra, strata_extra_opts()) if o)
     opts = overlay_opts(lowers, upper, work) + (f",{extra}" if extra else "")
     subprocess.run([binary, "-o", opts, mnt], check=True, stderr=subprocess.PIPE, timeout=60,
                    cwd=cwd)

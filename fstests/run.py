@@ -14,6 +14,13 @@ Suites (each a separate program, each ending with "N passed, M failed"):
   fsx-nopassthrough  the same with passthrough=off: reads (spliced) and writes through the daemon
   crash      crashloop.py: SIGKILL of the daemon mid-way through a workload of every write
              operation (and of remounts mid-cleanup), then checks
+  io_uring   io_uring_check.py: `-o io_uring` serves requests through the rings (and falls
+             back to /dev/fuse when the kernel does not offer them)
+  write-uring     the write suite with every stratafs mount on `-o io_uring`
+  fsx-uring  fsx with passthrough=off and io_uring: reads and writes through the rings
+
+The io_uring suites switch the kernel's fuse.enable_uring parameter on for their run and put
+it back afterwards.
 
 Usage: python3 fstests/run.py [--binary PATH] [--only read,write,...]
 Ends with the line "fstests: N passed, M failed".
@@ -38,11 +45,45 @@ SUITES = {
     "fsx": "fsx.py",
     "fsx-nopassthrough": "fsx.py --options passthrough=off --seed 2",
     "crash": "crashloop.py",
+    "io_uring": "io_uring_check.py",
+    "write-uring": "write_suite.py",
+    "fsx-uring": "fsx.py --options passthrough=off,io_uring --seed 3",
 }
+
+# Suites run with FUSE over io_uring allowed by the kernel, and the options every stratafs
+# mount in them gets.
+URING_SUITES = {"io_uring": "", "write-uring": "io_uring", "fsx-uring": ""}
+ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
+
+
+def set_enable_uring(value):
+    """Sets fuse.enable_uring; returns the previous value, or None if there is none."""
+    try:
+        with open(ENABLE_URING) as f:
+            old = f.read().strip()
+        with open(ENABLE_URING, "w") as f:
+            f.write(value)
+        return old
+    except OSError as e:
+        print(f"cannot set {ENABLE_URING}: {e}")
+        return None
 
 
 def run_suite(name, script, binary):
     """Runs one suite, echoing its output; returns (passed, failed)."""
+    if name not in URING_SUITES:
+        return run_script(name, script, binary, os.environ)
+    old = set_enable_uring("Y")
+    env = {**os.environ, "STRATAFS_EXTRA_OPTS": URING_SUITES[name]}
+    try:
+        return run_script(name, script, binary, env)
+    finally:
+        if old is not None:
+            set_enable_uring(old)
+
+
+def run_script(name, script, binary, env):
+    """Runs one suite program with `env`, echoing its output; returns (passed, failed)."""
     script, *extra = script.split()
     path = os.path.join(HERE, script)
     if not os.path.exists(path):
@@ -50,7 +91,7 @@ def run_suite(name, script, binary):
         return 0, 1
     print(f"== {name}: python3 fstests/{script} --binary {binary} {' '.join(extra)}", flush=True)
     started = time.time()
-    proc = subprocess.Popen([sys.executable, path, "--binary", binary] + extra,
+    proc = subprocess.Popen([sys.executable, path, "--binary", binary] + extra, env=env,
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     last = None

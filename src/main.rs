@@ -26,7 +26,7 @@ struct MountArgs {
     /// filesystem as upperdir), timeout=SECS, static_nlink, noxattrs=1, ro, allow_other,
     /// allow_root, suid/nosuid, dev/nodev, exec/noexec, atime/noatime, fsname=NAME,
     /// redirect_dir=on|follow|off|nofollow, metacopy=on|off, index=on|off,
-    /// passthrough=on|off, busy_poll=MICROS, noacl, fsync=0, volatile, uidmapping=A:B:N[:A:B:N...] and
+    /// passthrough=on|off, busy_poll=MICROS, io_uring[=WORKERS], noacl, fsync=0, volatile, uidmapping=A:B:N[:A:B:N...] and
     /// gidmapping= (disk ids A.. show as B..), squash_to_root, squash_to_uid=N,
     /// squash_to_gid=N, xattr_permissions=1|2, xino=off|auto|on, context=LABEL (accepted and ignored). Options of
     /// fuse-overlayfs that stratafs does not apply print "unknown argument ignored: X".

@@ -137,7 +137,22 @@ fn serve(
         Ok(s) => s,
         Err(e) => return Err((mount_err(e), status)),
     };
-    let busy_poll = start_busy_poll(&req.cfg, &session, config.n_threads.unwrap_or(1));
+    let busy_poll = if session.io_uring_active() {
+        // Requests come through the rings; nothing to poll.
+        info!(
+            workers_per_cpu = req.cfg.io_uring,
+            "serving through FUSE over io_uring"
+        );
+        None
+    } else {
+        if req.cfg.io_uring > 0 {
+            warn!(
+                "io_uring: the kernel does not offer FUSE over io_uring (module parameter \
+                 fuse.enable_uring is off, or the kernel is older than 6.14); reading /dev/fuse"
+            );
+        }
+        start_busy_poll(&req.cfg, &session, config.n_threads.unwrap_or(1))
+    };
     if let Some(poll) = &busy_poll {
         let _ = busy_poll_slot.set(poll.clone());
     }
@@ -234,5 +249,6 @@ fn fuser_config(cfg: &Config, source: Option<&str>) -> fuser::Config {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     config.n_threads = Some((4 * cpus).clamp(8, 32));
     config.clone_fd = true;
+    config.io_uring_workers = cfg.io_uring;
     config
 }

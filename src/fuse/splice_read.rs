@@ -58,7 +58,7 @@ pub(super) fn reply_spliced(
     size: usize,
     reply: ReplyData,
 ) -> Result<(), ReplyData> {
-    if size < SPLICE_FROM {
+    if size < SPLICE_FROM || !reply.can_send_with() {
         return Err(reply);
     }
     let Some(len) = bytes_to_send(file, offset, size) else {

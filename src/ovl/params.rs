@@ -21,6 +21,10 @@ const DEFAULT_TIMEOUT_SECS: f64 = 1_000_000_000.0;
 /// tree, short enough that polling stops soon after it.
 const DEFAULT_BUSY_POLL_MICROS: u64 = 1000;
 
+/// Workers per CPU queue for a bare `io_uring` option.
+pub const DEFAULT_IO_URING_WORKERS: usize = 2;
+/// Most workers per CPU queue `io_uring=` accepts.
+pub const MAX_IO_URING_WORKERS: usize = 16;
 /// Largest `busy_poll=` window (µs); longer ones only burn CPU.
 const MAX_BUSY_POLL_MICROS: u64 = 1_000_000;
 
@@ -38,6 +42,9 @@ pub struct Config {
     /// How long one reader keeps polling `/dev/fuse` without sleeping after the last
     /// request (`busy_poll=MICROS`; zero turns it off): see [`crate::fuse::busy_poll`].
     pub busy_poll: Duration,
+    /// Serve requests through FUSE over io_uring with this many workers per CPU when the
+    /// kernel allows it (`io_uring[=WORKERS]`; 0, the default, reads `/dev/fuse`).
+    pub io_uring: usize,
     /// Report `st_nlink = 1` for every directory (`static_nlink`).
     pub static_nlink: bool,
     /// Turn extended attributes off (`noxattrs=1`).
@@ -144,6 +151,7 @@ impl Default for Config {
             workdir: None,
             timeout: Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS),
             busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_MICROS),
+            io_uring: 0,
             static_nlink: false,
             noxattrs: false,
             fsync: true,
@@ -257,6 +265,16 @@ impl Config {
                     return Err(bad("at most 1000000 microseconds"));
                 }
                 self.busy_poll = Duration::from_micros(micros);
+            }
+            "io_uring" => {
+                self.io_uring = match value {
+                    None => DEFAULT_IO_URING_WORKERS,
+                    Some(v) => v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= MAX_IO_URING_WORKERS)
+                        .ok_or_else(|| bad("expected a number of workers per CPU, 0 to 16"))?,
+                };
             }
             "static_nlink" => self.static_nlink = flag(value)?,
             "noxattrs" => self.noxattrs = flag(value)?,
@@ -530,6 +548,18 @@ mod tests {
                 .busy_poll,
             Duration::ZERO
         );
+        for bad in ["io_uring=17", "io_uring=-1", "io_uring=x", "io_uring="] {
+            assert!(refused(bad), "{bad}");
+        }
+        let workers = |opts: &str| {
+            Config::parse(&[format!("lowerdir=/l{opts}")])
+                .unwrap()
+                .io_uring
+        };
+        assert_eq!(workers(""), 0);
+        assert_eq!(workers(",io_uring"), DEFAULT_IO_URING_WORKERS);
+        assert_eq!(workers(",io_uring=0"), 0);
+        assert_eq!(workers(",io_uring=16"), 16);
         let many = (0..501)
             .map(|i| format!("/l{i}"))
             .collect::<Vec<_>>()

@@ -139,6 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Payload buffer size of the io_uring ring entries, when FUSE over io_uring was
+    /// negotiated (stratafs patch).
+    pub(crate) uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +189,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +218,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -252,6 +257,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring_payload,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -286,6 +292,7 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        let sender_channel = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -304,6 +311,19 @@ impl<FS: Filesystem> Session<FS> {
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
             );
+        }
+
+        #[cfg(target_os = "linux")]
+        if let Some(payload) = uring_payload {
+            spawn_uring_workers(
+                &filesystem,
+                &sender_channel,
+                allowed,
+                session_owner,
+                config.io_uring_workers,
+                payload,
+                &mut threads,
+            )?;
         }
 
         let mut reply: io::Result<()> = Ok(());
@@ -432,6 +452,19 @@ impl<FS: Filesystem> Session<FS> {
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
+            #[cfg(target_os = "linux")]
+            if self.config.io_uring_workers > 0 {
+                if init.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+                    config.requested |= InitFlags::FUSE_OVER_IO_URING;
+                    self.uring_payload = Some(crate::uring::payload_size(
+                        config.max_write,
+                        config.max_pages(),
+                    ));
+                } else {
+                    info!("FUSE over io_uring not offered by the kernel (fuse.enable_uring)");
+                }
+            }
+
             // Log capability status for debugging
             for bit in 0..64 {
                 let bitflags = InitFlags::from_bits_retain(1 << bit);
@@ -477,6 +510,12 @@ impl<FS: Filesystem> Session<FS> {
         }
     }
 
+    /// Whether requests will come through FUSE over io_uring (stratafs patch): asked for
+    /// with `Config::io_uring_workers` and offered by the kernel.
+    pub fn io_uring_active(&self) -> bool {
+        self.uring_payload.is_some()
+    }
+
     /// Unmount the filesystem
     pub fn unmount(&mut self) -> io::Result<()> {
         self.mount.umount()
@@ -509,6 +548,44 @@ impl SessionUnmounter {
         }
         Ok(())
     }
+}
+
+/// Starts `per_queue` io_uring workers for each of the kernel's per-CPU queues (stratafs
+/// patch). A worker that cannot register logs why and ends; `/dev/fuse` readers serve
+/// every request until all queues are registered.
+#[cfg(target_os = "linux")]
+fn spawn_uring_workers<FS: Filesystem>(
+    filesystem: &Arc<FilesystemHolder<FS>>,
+    ch: &Channel,
+    allowed: SessionACL,
+    session_owner: Uid,
+    per_queue: usize,
+    payload: usize,
+    threads: &mut Vec<JoinHandle<io::Result<()>>>,
+) -> io::Result<()> {
+    let queues = crate::uring::possible_cpus()?;
+    for qid in 0..queues {
+        let Ok(qid16) = u16::try_from(qid) else {
+            break;
+        };
+        for worker in 0..per_queue {
+            let thread_name = format!("uring-{qid}.{worker}");
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch: ch.clone(),
+                allowed,
+                session_owner,
+            };
+            threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                if let Err(e) = crate::uring::serve_queue(&event_loop, qid16, payload) {
+                    warn!("io_uring worker for CPU {qid16} ended: {e}");
+                }
+                Ok(())
+            })?);
+        }
+    }
+    Ok(())
 }
 
 pub(crate) struct SessionEventLoop<FS: Filesystem> {

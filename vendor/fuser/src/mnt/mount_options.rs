@@ -18,6 +18,9 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests through FUSE over io_uring when the kernel offers it (stratafs
+    /// patch): this many workers per CPU queue; 0 keeps to `/dev/fuse` reads.
+    pub io_uring_workers: usize,
 }
 
 /// Mount options accepted by the FUSE filesystem type

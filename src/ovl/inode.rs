@@ -265,8 +265,19 @@ impl InodeTable {
                     && !existing.dead.load(Ordering::Relaxed) =>
             {
                 if existing.is_dir() {
-                    // Same directory reached again: its layer set is what was just found.
-                    existing.state_mut().reals = candidate.state().reals.clone();
+                    // Same directory reached again: its layer set is what was just found,
+                    // except that a copy-up which finished after this lookup looked at the
+                    // layers is kept (it is never undone while the node lives; forgetting it
+                    // made the next copy-up of the directory fail with EEXIST).
+                    let mut found = candidate.state().reals.clone();
+                    let mut state = existing.state_mut();
+                    let had_upper = state.reals.first().filter(|r| r.layer.is_upper());
+                    if let Some(upper) = had_upper {
+                        if !found.first().is_some_and(|r| r.layer.is_upper()) {
+                            found.insert(0, upper.clone());
+                        }
+                    }
+                    state.reals = found;
                 }
                 existing.clone()
             }
@@ -453,6 +464,43 @@ pub fn overlay_stat(node: &Node, mut st: Stat, static_nlink: bool) -> Stat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dir_node(ino: u64, reals: Vec<Real>) -> Node {
+        Node::new(
+            Ino(ino),
+            FileType::Directory,
+            NodeState {
+                parent: None,
+                name: "d".into(),
+                reals,
+                detached: None,
+                metacopy: false,
+                origin: false,
+                index_copy: None,
+                indexed: false,
+            },
+        )
+    }
+
+    #[test]
+    fn lookup_racing_a_copy_up_keeps_the_upper_copy() {
+        let table = InodeTable::default();
+        let lower = Real::at(LayerIdx(1));
+        let node = table.get_or_insert(dir_node(77, vec![lower.clone()]));
+        // The copy-up lands...
+        node.state_mut().reals.insert(0, Real::at(LayerIdx::UPPER));
+        // ...then a lookup that saw the layers before it reports the lower copy only.
+        let again = table.get_or_insert(dir_node(77, vec![lower.clone()]));
+        assert!(Arc::ptr_eq(&node, &again));
+        assert_eq!(
+            again.state().reals,
+            vec![Real::at(LayerIdx::UPPER), lower.clone()]
+        );
+        // A lookup that found a different layer set still replaces the lower part.
+        let other = Real::at(LayerIdx(2));
+        table.get_or_insert(dir_node(77, vec![Real::at(LayerIdx::UPPER), other.clone()]));
+        assert_eq!(node.state().reals, vec![Real::at(LayerIdx::UPPER), other]);
+    }
 
     #[test]
     fn single_fs_passes_inodes_through() {

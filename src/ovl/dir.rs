@@ -322,16 +322,7 @@ impl Overlay {
         let probe = Node::new(
             self.ino_for(found.reals[0].layer, found.top_stat.st_ino),
             FileType::Directory,
-            NodeState {
-                parent: Some(parent.clone()),
-                name: name.to_owned(),
-                reals: found.reals.clone(),
-                detached: None,
-                metacopy: false,
-                origin: false,
-                index_copy: None,
-                indexed: false,
-            },
+            NodeState::new(Some(parent.clone()), name.to_owned(), found.reals.clone()),
         );
         if self.read_merged(&probe)?.len() > 2 {
             return Err(Error::io(

@@ -97,6 +97,23 @@ pub struct NodeState {
     pub indexed: bool,
 }
 
+impl NodeState {
+    /// The state of an object just found at `name` in `parent` (None: the root) with its
+    /// real objects `reals`: no copy-up history yet, not detached, not indexed.
+    pub fn new(parent: Option<Arc<Node>>, name: OsString, reals: Vec<Real>) -> NodeState {
+        NodeState {
+            parent,
+            name,
+            reals,
+            detached: None,
+            metacopy: false,
+            origin: false,
+            index_copy: None,
+            indexed: false,
+        }
+    }
+}
+
 /// A merged object the kernel holds a reference to.
 #[derive(Debug)]
 pub struct Node {
@@ -469,16 +486,7 @@ mod tests {
         Node::new(
             Ino(ino),
             FileType::Directory,
-            NodeState {
-                parent: None,
-                name: "d".into(),
-                reals,
-                detached: None,
-                metacopy: false,
-                origin: false,
-                index_copy: None,
-                indexed: false,
-            },
+            NodeState::new(None, "d".into(), reals),
         )
     }
 

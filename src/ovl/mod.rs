@@ -218,16 +218,7 @@ impl Overlay {
         let root = Arc::new(Node::new(
             Ino::ROOT,
             FileType::Directory,
-            NodeState {
-                parent: None,
-                name: OsString::new(),
-                reals,
-                detached: None,
-                metacopy: false,
-                origin: false,
-                index_copy: None,
-                indexed: false,
-            },
+            NodeState::new(None, OsString::new(), reals),
         ));
         let inodes = InodeTable::default();
         inodes.set_root(root);

@@ -155,16 +155,7 @@ impl Overlay {
         let ghost = Node::new(
             e.ino,
             e.file_type,
-            NodeState {
-                parent: Some(dir.clone()),
-                name: e.name.to_owned(),
-                reals: Vec::new(),
-                detached: None,
-                metacopy: false,
-                origin: false,
-                index_copy: None,
-                indexed: false,
-            },
+            NodeState::new(Some(dir.clone()), e.name.to_owned(), Vec::new()),
         );
         let node = self.inodes.get_or_insert_ghost(ghost);
         // Only the number, the type and one link mean anything.

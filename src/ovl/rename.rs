@@ -344,16 +344,11 @@ impl Overlay {
         let probe = Node::new(
             self.ino_for(found.reals[0].layer, found.top_stat.st_ino),
             FileType::Directory,
-            crate::ovl::inode::NodeState {
-                parent: Some(parent.clone()),
-                name: name.to_owned(),
-                reals: found.reals.clone(),
-                detached: None,
-                metacopy: false,
-                origin: false,
-                index_copy: None,
-                indexed: false,
-            },
+            crate::ovl::inode::NodeState::new(
+                Some(parent.clone()),
+                name.to_owned(),
+                found.reals.clone(),
+            ),
         );
         Ok(self.read_merged(&probe)?.len() <= 2)
     }
